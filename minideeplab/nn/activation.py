@@ -1,0 +1,105 @@
+"""Elementwise layers: ReLU, Sigmoid, Dropout."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import get_array_module
+
+from .module import Module
+
+
+def _check_float(layer, x):
+    if not hasattr(x, "dtype") or x.dtype.kind != "f":
+        raise TypeError(f"{layer}: expected a floating-point array, got {getattr(x, 'dtype', type(x).__name__)}")
+
+
+def sigmoid(x):
+    """Numerically stable logistic function: ``tanh(x/2)/2 + 1/2`` never overflows."""
+    xp = get_array_module(x)
+    return xp.tanh(x * 0.5) * 0.5 + 0.5
+
+
+class ReLU(Module):
+    """max(x, 0). Shapes: any -> same."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask = None  # x > 0
+
+    def forward(self, x):
+        _check_float("ReLU", x)
+        xp = get_array_module(x)
+        self.mask = x > 0
+        return xp.maximum(x, 0)
+
+    def backward(self, dout):
+        self._need(self.mask)
+        # dL/dx = dout where x > 0, else 0 (a new array: dout is never modified)
+        return dout * self.mask
+
+    def _clear_cache(self):
+        self.mask = None
+
+
+class Sigmoid(Module):
+    """1 / (1 + exp(-x)), computed stably. Shapes: any -> same."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = None
+
+    def forward(self, x):
+        _check_float("Sigmoid", x)
+        self.out = sigmoid(x)
+        return self.out
+
+    def backward(self, dout):
+        self._need(self.out)
+        # dL/dx = dout * s * (1 - s)
+        return dout * self.out * (1 - self.out)
+
+    def _clear_cache(self):
+        self.out = None
+
+
+class Dropout(Module):
+    """Inverted dropout: in training zero each value with probability p and scale survivors by 1/(1-p).
+
+    Identity in eval mode. Shapes: any -> same.
+
+    Args:
+        p: drop probability in [0, 1).
+        rng: ``numpy.random.Generator`` that draws the masks (explicit, so runs are reproducible).
+    """
+
+    def __init__(self, p: float = 0.5, rng: np.random.Generator | None = None):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        self.p = float(p)
+        self.rng = rng if rng is not None else np.random.default_rng()
+        self.scale_mask = None  # (x survives) / (1 - p), or None in eval
+
+    def forward(self, x):
+        _check_float("Dropout", x)
+        if not self.training or self.p == 0:
+            self.scale_mask = 1.0
+            return x
+        xp = get_array_module(x)
+        keep = self.rng.random(x.shape) >= self.p          # drawn on the host: the Generator is NumPy's
+        self.scale_mask = xp.asarray(keep.astype(x.dtype) / (1 - self.p))
+        return x * self.scale_mask
+
+    def backward(self, dout):
+        self._need(self.scale_mask)
+        # dL/dx = dout * mask / (1 - p)
+        return dout * self.scale_mask
+
+    def _clear_cache(self):
+        self.scale_mask = None
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+__all__ = ["ReLU", "Sigmoid", "Dropout", "sigmoid"]

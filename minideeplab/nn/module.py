@@ -1,0 +1,259 @@
+"""The module protocol: ``Parameter``, ``Module``, ``Sequential``, ``Identity``.
+
+A module computes ``forward(x)`` and, with what it cached, ``backward(dout) -> dx``. Parameter
+gradients accumulate (``+=``) into ``param.grad`` until ``zero_grad()``. Parameters and buffers are plain
+arrays (NumPy or CuPy); ``to("cuda")`` moves them and the arrays decide the backend from then on.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterator
+
+import numpy as np
+
+from ..backend import check_device, get_array_module, to_device
+
+
+class Parameter:
+    """A trainable array ``data`` with a gradient ``grad`` of the same shape (accumulated by backward)."""
+
+    def __init__(self, data):
+        xp = get_array_module(data)
+        self.data = data
+        self.grad = xp.zeros_like(data)
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def zero_grad(self) -> None:
+        self.grad[...] = 0
+
+    def __repr__(self) -> str:
+        return f"Parameter(shape={tuple(self.data.shape)}, dtype={self.data.dtype})"
+
+
+class Module:
+    """Base class of every layer and model.
+
+    Subclasses assign ``Parameter`` and ``Module`` attributes in ``__init__`` (registered in definition
+    order, like PyTorch), declare buffers with ``register_buffer`` and implement ``forward``/``backward``.
+    """
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    # -- registration -------------------------------------------------------------------------------
+    def __setattr__(self, name, value):
+        if "_parameters" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__}.__init__ must call super().__init__() first")
+        for store in (self._parameters, self._buffers, self._modules):
+            store.pop(name, None)
+        if isinstance(value, Parameter):
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        elif name in self.__dict__.get("_buffer_names", ()):
+            self._buffers[name] = value
+        object.__setattr__(self, name, value)
+
+    def register_buffer(self, name: str, array) -> None:
+        """A non-trainable array that belongs to the state (e.g. ``running_mean``)."""
+        if "_buffer_names" not in self.__dict__:
+            object.__setattr__(self, "_buffer_names", set())
+        self._buffer_names.add(name)
+        setattr(self, name, array)
+
+    def add_module(self, name: str, module: "Module") -> None:
+        setattr(self, name, module)
+
+    # -- traversal ----------------------------------------------------------------------------------
+    def named_children(self):
+        return iter(self._modules.items())
+
+    def children(self):
+        return iter(self._modules.values())
+
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self):
+        for _, m in self.named_modules():
+            yield m
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        for mod_name, mod in self.named_modules(prefix):
+            for name, p in mod._parameters.items():
+                yield (f"{mod_name}.{name}" if mod_name else name), p
+
+    def parameters(self) -> Iterator[Parameter]:
+        for _, p in self.named_parameters():
+            yield p
+
+    def named_buffers(self, prefix: str = ""):
+        for mod_name, mod in self.named_modules(prefix):
+            for name, b in mod._buffers.items():
+                yield (f"{mod_name}.{name}" if mod_name else name), b
+
+    # -- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> "OrderedDict[str, object]":
+        """Parameters and buffers by dotted name, in definition order (arrays are references, not copies)."""
+        out = OrderedDict()
+        for mod_name, mod in self.named_modules():
+            pre = f"{mod_name}." if mod_name else ""
+            for name, p in mod._parameters.items():
+                out[pre + name] = p.data
+            for name, b in mod._buffers.items():
+                out[pre + name] = b
+        return out
+
+    def load_state_dict(self, state, strict: bool = True) -> None:
+        """Copy arrays from ``state`` into parameters and buffers (onto this module's device and dtype)."""
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        mismatched = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(np.shape(state[k]))}"
+                      for k in own if k in state and tuple(own[k].shape) != tuple(np.shape(state[k]))]
+        problems = []
+        if strict and missing:
+            problems.append(f"missing keys: {missing}")
+        if strict and unexpected:
+            problems.append(f"unexpected keys: {unexpected}")
+        if mismatched:
+            problems.append(f"shape mismatch: {mismatched}")
+        if problems:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: " + "; ".join(problems))
+        for mod_name, mod in self.named_modules():
+            pre = f"{mod_name}." if mod_name else ""
+            for name, p in mod._parameters.items():
+                if pre + name in state:
+                    xp = get_array_module(p.data)
+                    p.data[...] = xp.asarray(state[pre + name], dtype=p.data.dtype)
+            for name, b in mod._buffers.items():
+                if pre + name in state and b is not None:
+                    xp = get_array_module(b)
+                    b[...] = xp.asarray(state[pre + name], dtype=b.dtype)
+
+    # -- modes, gradients, devices ------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "Module":
+        for m in self.modules():
+            object.__setattr__(m, "training", mode)
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.zero_grad()
+
+    def _apply(self, fn) -> "Module":
+        for m in self.modules():
+            for p in m._parameters.values():
+                p.data, p.grad = fn(p.data), fn(p.grad)
+            for name, b in list(m._buffers.items()):
+                if b is not None:
+                    m._buffers[name] = fn(b)
+                    object.__setattr__(m, name, m._buffers[name])
+            m._clear_cache()
+        return self
+
+    def to(self, device_or_dtype) -> "Module":
+        """Move to ``"cpu"``/``"cuda"``, or cast floating arrays to a dtype (``np.float64``)."""
+        if isinstance(device_or_dtype, str) and device_or_dtype in ("cpu", "cuda"):
+            device = check_device(device_or_dtype)
+            return self._apply(lambda a: to_device(a, device))
+        dtype = np.dtype(device_or_dtype)
+        if dtype.kind != "f":
+            raise TypeError(f"{type(self).__name__}.to: expected 'cpu', 'cuda' or a float dtype, got {device_or_dtype!r}")
+        return self._apply(lambda a: a.astype(dtype) if a.dtype.kind == "f" else a)
+
+    def double(self) -> "Module":
+        return self.to(np.float64)
+
+    def float(self) -> "Module":
+        return self.to(np.float32)
+
+    def _clear_cache(self) -> None:
+        """Forget activations cached by forward (after a device/dtype change). Layers override."""
+
+    # -- compute ------------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args):
+        raise NotImplementedError(f"{type(self).__name__} has no forward")
+
+    def backward(self, dout):
+        raise NotImplementedError(f"{type(self).__name__} has no backward")
+
+    def _need(self, *cached) -> None:
+        """Raise a clear error when backward is called before forward."""
+        if any(c is None for c in cached):
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward "
+                               "(run forward first; backward uses what forward cached)")
+
+    # -- printing -----------------------------------------------------------------------------------
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}({self.extra_repr()}" + (")" if not self._modules else "")]
+        for name, child in self._modules.items():
+            child_lines = repr(child).split("\n")
+            lines.append(f"  ({name}): " + child_lines[0])
+            lines.extend("  " + line for line in child_lines[1:])
+        if self._modules:
+            lines.append(")")
+        return "\n".join(lines)
+
+
+class Sequential(Module):
+    """Children run in order; backward runs them in reverse.
+
+    Shapes: whatever the children accept and return.
+    """
+
+    def __init__(self, *modules: Module):
+        super().__init__()
+        for i, m in enumerate(modules):
+            self.add_module(str(i), m)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __getitem__(self, i: int) -> Module:
+        return list(self._modules.values())[i]
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def forward(self, x):
+        for m in self._modules.values():
+            x = m(x)
+        return x
+
+    def backward(self, dout):
+        # chain rule: each child turns dL/d(its output) into dL/d(its input)
+        for m in reversed(list(self._modules.values())):
+            dout = m.backward(dout)
+        return dout
+
+
+class Identity(Module):
+    """Returns its input unchanged. Shapes: any -> same."""
+
+    def forward(self, x):
+        return x
+
+    def backward(self, dout):
+        return dout

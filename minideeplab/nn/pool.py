@@ -1,0 +1,148 @@
+"""Pooling: max, average, and global (adaptive 1x1) average."""
+from __future__ import annotations
+
+from ..backend import get_array_module
+from .functional import check_input, conv_output_size, kernel_offsets, pad2d, pair
+from .module import Module
+
+
+class _Pool2d(Module):
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride = pair(stride if stride is not None else kernel_size, "stride")
+        self.padding = pair(padding, "padding")
+        if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
+            raise ValueError(f"{type(self).__name__}: padding {self.padding} must be at most half the kernel "
+                             f"{self.kernel_size}")
+        self.x_shape = None
+
+    def _windows(self, x, pad_value):
+        """Yield (tap, rows, cols, window (N, C, Ho, Wo)) for each kernel offset over the padded input."""
+        name = type(self).__name__
+        check_input(name, x)
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        Ho, Wo = conv_output_size(x.shape[2], kh, sh, ph), conv_output_size(x.shape[3], kw, sw, pw)
+        if Ho < 1 or Wo < 1:
+            raise ValueError(f"{name}: input {tuple(x.shape)} is smaller than the kernel {self.kernel_size}")
+        self.x_shape = x.shape
+        xpad = pad2d(x, self.padding, pad_value)
+        for i, j, rows, cols in kernel_offsets(kh, kw, self.stride, (1, 1), Ho, Wo):
+            yield i * kw + j, rows, cols, xpad[:, :, rows, cols]
+
+    def _scatter(self, tap_grad, dout):
+        """The adjoint of ``_windows``: slice-add ``tap_grad(tap)`` (N, C, Ho, Wo) for each tap onto the input."""
+        N, C, H, W = self.x_shape
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        xp = get_array_module(dout)
+        dxpad = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=dout.dtype)
+        for i, j, rows, cols in kernel_offsets(kh, kw, self.stride, (1, 1), *dout.shape[2:]):
+            dxpad[:, :, rows, cols] += tap_grad(i * kw + j)
+        return dxpad[:, :, ph:ph + H, pw:pw + W]
+
+    def _clear_cache(self):
+        self.x_shape = None
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class MaxPool2d(_Pool2d):
+    """Maximum over each window; padding counts as -inf (never selected).
+
+    Shapes: x: (N, C, H, W) -> out: (N, C, Ho, Wo), Ho = floor((H + 2p - k) / s) + 1.
+
+    Args:
+        kernel_size, stride (default: kernel_size), padding: ints or (h, w) pairs.
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__(kernel_size, stride, padding)
+        self.argmax = None  # (N, C, Ho, Wo) index of the winning tap; first one on ties, as PyTorch
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        out = argmax = None
+        for tap, _, _, win in self._windows(x, -xp.inf):
+            if out is None:
+                out, argmax = win.copy(), xp.zeros(win.shape, dtype=xp.int8 if self.n_taps < 128 else xp.int32)
+            else:
+                better = win > out
+                xp.copyto(out, win, where=better)
+                argmax[better] = tap
+        self.argmax = argmax
+        return out
+
+    @property
+    def n_taps(self):
+        return self.kernel_size[0] * self.kernel_size[1]
+
+    def backward(self, dout):
+        self._need(self.argmax)
+        # dL/dx = dout routed to the input that won each window (summed where windows overlap)
+        return self._scatter(lambda tap: dout * (self.argmax == tap), dout)
+
+    def _clear_cache(self):
+        super()._clear_cache()
+        self.argmax = None
+
+
+class AvgPool2d(_Pool2d):
+    """Mean over each window; zero padding is counted in the divisor (PyTorch's count_include_pad=True).
+
+    Shapes: x: (N, C, H, W) -> out: (N, C, Ho, Wo), Ho = floor((H + 2p - k) / s) + 1.
+
+    Args:
+        kernel_size, stride (default: kernel_size), padding: ints or (h, w) pairs.
+    """
+
+    def forward(self, x):
+        out = None
+        for _, _, _, win in self._windows(x, 0.0):
+            if out is None:
+                out = win.copy()
+            else:
+                out += win
+        out *= 1.0 / (self.kernel_size[0] * self.kernel_size[1])
+        return out
+
+    def backward(self, dout):
+        self._need(self.x_shape)
+        # dL/dx = dout / (kh*kw) added to every input of the window
+        g = dout * (1.0 / (self.kernel_size[0] * self.kernel_size[1]))
+        return self._scatter(lambda tap: g, dout)
+
+
+class AdaptiveAvgPool2d(Module):
+    """Global average pooling (output size 1 only, which is what image pooling in ASPP needs).
+
+    Shapes: x: (N, C, H, W) -> out: (N, C, 1, 1).
+
+    Args:
+        output_size: 1 or (1, 1).
+    """
+
+    def __init__(self, output_size=1):
+        super().__init__()
+        if pair(output_size, "output_size") != (1, 1):
+            raise ValueError(f"AdaptiveAvgPool2d: only output_size 1 is supported, got {output_size!r}")
+        self.output_size = (1, 1)
+        self.x_shape = None
+
+    def forward(self, x):
+        check_input("AdaptiveAvgPool2d", x)
+        self.x_shape = x.shape
+        return x.mean(axis=(2, 3), keepdims=True)
+
+    def backward(self, dout):
+        self._need(self.x_shape)
+        xp = get_array_module(dout)
+        # dL/dx = dout / (H*W), broadcast over the map
+        H, W = self.x_shape[2:]
+        return xp.broadcast_to(dout / (H * W), self.x_shape).copy()
+
+    def _clear_cache(self):
+        self.x_shape = None
+
+    def extra_repr(self):
+        return "output_size=1"
