@@ -2,13 +2,13 @@
 from .activation import Dropout, ReLU, Sigmoid, sigmoid
 from .concat import Concat
 from .conv import Conv2d
-from .module import Identity, Module, Parameter, Sequential
+from .module import Identity, Module, ModuleList, Parameter, Sequential
 from .norm import BatchNorm2d
 from .pool import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 from .resize import Upsample, interpolate
 
 __all__ = [
-    "Module", "Parameter", "Sequential", "Identity",
+    "Module", "Parameter", "Sequential", "ModuleList", "Identity",
     "Conv2d", "BatchNorm2d", "ReLU", "Sigmoid", "Dropout", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
     "Upsample", "Concat", "sigmoid", "interpolate",
 ]

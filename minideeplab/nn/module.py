@@ -257,3 +257,25 @@ class Identity(Module):
 
     def backward(self, dout):
         return dout
+
+
+class ModuleList(Module):
+    """A list of submodules named "0", "1", ... (for parallel branches; it has no forward of its own)."""
+
+    def __init__(self, modules=()):
+        super().__init__()
+        for m in modules:
+            self.append(m)
+
+    def append(self, module: Module) -> "ModuleList":
+        self.add_module(str(len(self._modules)), module)
+        return self
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __getitem__(self, i: int) -> Module:
+        return list(self._modules.values())[i]
+
+    def __iter__(self):
+        return iter(self._modules.values())
