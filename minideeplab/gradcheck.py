@@ -7,7 +7,10 @@ Each entry is compared with ``(L(θ + ε) - L(θ - ε)) / 2ε`` in float64.
 Error measure, per tensor: ``max_i |a_i - n_i| / max(|a_i|, |n_i|, floor)`` with a = analytic,
 n = numeric and ``floor = 1e-3 * max_i |n_i|``: a true relative error for every entry of meaningful size,
 while entries a thousand times smaller than the tensor's largest gradient (exact zeros, cancellations)
-are judged against that floor instead of against their own rounding noise.
+are judged against that floor instead of against their own rounding noise. The floor is never below
+``noise / rtol`` with ``noise = machine_eps * sum|f(x) * dout| / eps``, the roundoff of the difference
+quotient: a tensor whose true gradient is exactly zero (a conv bias followed by batch norm) is then
+judged against what central differences can resolve, not against its own rounding noise.
 """
 from __future__ import annotations
 
@@ -64,7 +67,7 @@ def _sample_indices(shape, full_limit, samples, rng, prefer=None):
     return [np.unravel_index(i, shape) if shape else () for i in flat]
 
 
-def _compare(name, array, analytic, loss, eps, full_limit, samples, rng):
+def _compare(name, array, analytic, loss, eps, full_limit, samples, rng, noise_floor=0.0):
     """Central differences of ``loss()`` w.r.t. sampled entries of ``array`` (perturbed in place)."""
     a_host = to_numpy(analytic).astype(np.float64)
     idx = _sample_indices(array.shape, full_limit, samples, rng, int(np.argmax(np.abs(a_host))) if a_host.size else None)
@@ -78,7 +81,7 @@ def _compare(name, array, analytic, loss, eps, full_limit, samples, rng):
         array[i] = old
         num[k], ana[k] = (lp - lm) / (2 * eps), a_host[i]
     abs_err = np.abs(ana - num)
-    floor = 1e-3 * np.max(np.abs(num)) if num.size else 0.0
+    floor = max(1e-3 * np.max(np.abs(num)) if num.size else 0.0, noise_floor)
     denom = np.maximum(np.maximum(np.abs(ana), np.abs(num)), max(floor, 1e-300))
     rel = abs_err / denom
     return TensorCheck(name, tuple(array.shape), len(idx), float(abs_err.max(initial=0.0)), float(rel.max(initial=0.0)))
@@ -139,12 +142,14 @@ def check_module(module, inputs, *, rtol: float = 1e-6, eps: float = 1e-5, full_
     def loss():
         return float(xp.sum(forward() * dout))
 
+    # roundoff of (L(+eps) - L(-eps)) / 2eps, scaled so that an error at that level counts as rtol
+    noise_floor = np.finfo(np.float64).eps * float(xp.sum(xp.abs(out * dout))) / eps / rtol
     result = GradCheckResult(rtol=rtol)
     for i in wrt:
         result.rows.append(_compare(f"input{i}" if len(inputs) > 1 else "input", inputs[i], dxs[i], loss, eps,
-                                    full_limit, samples, rng))
+                                    full_limit, samples, rng, noise_floor))
     for name, p, g in analytic_params:
-        result.rows.append(_compare(name, p.data, g, loss, eps, full_limit, samples, rng))
+        result.rows.append(_compare(name, p.data, g, loss, eps, full_limit, samples, rng, noise_floor))
     module.load_state_dict(saved_state)   # undo running-statistics updates made by the extra forwards
     if raise_on_fail and not result.passed:
         raise AssertionError(f"gradient check failed for {type(module).__name__} (rtol={rtol}):\n{result.table()}")

@@ -1,0 +1,167 @@
+"""Every layer through the one gradient checker, in float64, relative error <= 1e-6.
+
+``CASES`` is the table: (layer type, case id, factory). A factory takes a Generator and returns
+``(module, inputs)`` with a float64 module in the mode it is checked in and float64 NumPy inputs.
+``benchmarks/gradcheck_report.py`` imports this table and prints the worst error per layer type.
+"""
+import zlib
+
+import numpy as np
+import pytest
+
+from minideeplab import nn
+from minideeplab.gradcheck import check_module
+
+F64 = np.float64
+# every entry of these small tensors is checked (none sampled)
+CHECK_OPTIONS = dict(rtol=1e-6, full_limit=1000)
+
+
+def randn(rng, *shape):
+    return rng.standard_normal(shape)
+
+
+def distinct(rng, *shape):
+    """Values at least 0.01 apart and away from 0: no max-pool ties, no ReLU kinks within eps."""
+    n = int(np.prod(shape))
+    v = (rng.permutation(n) - n / 2 + 0.5) * 0.05
+    return v.reshape(shape)
+
+
+def conv(shape, *args, **kw):
+    def make(rng):
+        return nn.Conv2d(*args, rng=rng, dtype=F64, **kw), (randn(rng, *shape),)
+    return make
+
+
+def bn_train(shape, **kw):
+    def make(rng):
+        m = nn.BatchNorm2d(shape[1], dtype=F64, **kw)
+        if m.affine:
+            m.weight.data[...] = rng.uniform(0.5, 1.5, shape[1])
+            m.bias.data[...] = randn(rng, shape[1])
+        return m.train(), (randn(rng, *shape) * 2 + 1,)
+    return make
+
+
+def bn_eval(shape, affine=True):
+    def make(rng):
+        m = nn.BatchNorm2d(shape[1], affine=affine, dtype=F64)
+        m.running_mean[...] = randn(rng, shape[1])
+        m.running_var[...] = rng.uniform(0.3, 3.0, shape[1])
+        if affine:
+            m.weight.data[...] = rng.uniform(-1.5, 1.5, shape[1])
+            m.bias.data[...] = randn(rng, shape[1])
+        return m.eval(), (randn(rng, *shape),)
+    return make
+
+
+def simple(factory, shape, data=randn):
+    def make(rng):
+        return factory(), (data(rng, *shape),)
+    return make
+
+
+def dropout(shape, p):
+    def make(rng):
+        return nn.Dropout(p, rng=np.random.default_rng(7)).train(), (randn(rng, *shape),)
+    return make
+
+
+def concat3(rng):
+    return nn.Concat(), (randn(rng, 2, 2, 3, 4), randn(rng, 2, 3, 3, 4), randn(rng, 2, 1, 3, 4))
+
+
+def conv_bn_relu_pool(rng):
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, rng=rng, dtype=F64), nn.BatchNorm2d(3, dtype=F64),
+                        nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1))
+    return net.train(), (randn(rng, 2, 2, 7, 6),)
+
+
+CASES = [
+    # Conv2d
+    ("Conv2d", "3x3_s1_p1", conv((2, 3, 6, 5), 3, 4, 3, padding=1)),
+    ("Conv2d", "3x3_s2_p0_nonsquare", conv((2, 3, 9, 7), 3, 4, 3, stride=2)),
+    ("Conv2d", "3x3_s2_p1", conv((2, 2, 8, 7), 2, 3, 3, stride=2, padding=1)),
+    ("Conv2d", "3x3_p3", conv((1, 2, 5, 6), 2, 3, 3, padding=3)),
+    ("Conv2d", "3x3_d2_p2", conv((2, 2, 7, 8), 2, 3, 3, padding=2, dilation=2)),
+    ("Conv2d", "3x3_d6_p6", conv((1, 2, 13, 11), 2, 3, 3, padding=6, dilation=6)),
+    ("Conv2d", "3x3_d12_p12", conv((1, 2, 14, 15), 2, 2, 3, padding=12, dilation=12)),
+    ("Conv2d", "3x3_d12_p0", conv((1, 1, 26, 27), 1, 2, 3, dilation=12)),
+    ("Conv2d", "k3x5_s2x1_p1x2_d1x2", conv((2, 2, 9, 10), 2, 3, (3, 5), stride=(2, 1), padding=(1, 2),
+                                               dilation=(1, 2))),
+    ("Conv2d", "k2x4_nonsquare", conv((1, 2, 6, 9), 2, 3, (2, 4))),
+    ("Conv2d", "7x7_s2_p3_stem", conv((1, 3, 11, 10), 3, 4, 7, stride=2, padding=3)),
+    ("Conv2d", "1x1_s1", conv((2, 5, 4, 3), 5, 3, 1)),
+    ("Conv2d", "1x1_s2_odd", conv((2, 4, 7, 5), 4, 3, 1, stride=2)),
+    ("Conv2d", "1x1_p1", conv((1, 3, 4, 3), 3, 2, 1, padding=1)),
+    ("Conv2d", "3x3_nobias", conv((2, 3, 6, 5), 3, 4, 3, padding=1, bias=False)),
+    ("Conv2d", "1x1_nobias", conv((2, 4, 3, 3), 4, 2, 1, bias=False)),
+    # BatchNorm2d
+    ("BatchNorm2d", "train", bn_train((3, 4, 5, 6))),
+    ("BatchNorm2d", "train_N1", bn_train((1, 3, 4, 5))),
+    ("BatchNorm2d", "train_affine_false", bn_train((2, 3, 4, 5), affine=False)),
+    ("BatchNorm2d", "eval_running_stats", bn_eval((2, 4, 5, 3))),
+    ("BatchNorm2d", "eval_affine_false", bn_eval((2, 3, 4, 3), affine=False)),
+    # elementwise
+    ("ReLU", "relu", simple(nn.ReLU, (2, 3, 4, 5), distinct)),
+    ("Sigmoid", "sigmoid", simple(nn.Sigmoid, (2, 3, 4, 5), lambda rng, *s: 4 * randn(rng, *s))),
+    ("Dropout", "p0.3_train", dropout((2, 3, 4, 5), 0.3)),
+    ("Dropout", "eval", simple(lambda: nn.Dropout(0.5, rng=np.random.default_rng(1)).eval(), (2, 3, 4, 5))),
+    # pooling
+    ("MaxPool2d", "k3_s2_p1", simple(lambda: nn.MaxPool2d(3, stride=2, padding=1), (2, 3, 9, 8), distinct)),
+    ("MaxPool2d", "k2", simple(lambda: nn.MaxPool2d(2), (2, 2, 6, 7), distinct)),
+    ("MaxPool2d", "k3x2_s1x2_p1x0", simple(lambda: nn.MaxPool2d((3, 2), stride=(1, 2), padding=(1, 0)),
+                                          (1, 2, 5, 7), distinct)),
+    ("AvgPool2d", "k3_s2_p1", simple(lambda: nn.AvgPool2d(3, stride=2, padding=1), (2, 3, 9, 8))),
+    ("AvgPool2d", "k2", simple(lambda: nn.AvgPool2d(2), (2, 2, 6, 7))),
+    ("AvgPool2d", "k2x3_s1_p1", simple(lambda: nn.AvgPool2d((2, 3), stride=1, padding=1), (1, 2, 5, 4))),
+    ("AdaptiveAvgPool2d", "gap", simple(lambda: nn.AdaptiveAvgPool2d(1), (2, 3, 5, 7))),
+    # bilinear resize
+    ("Upsample", "size_up_odd", simple(lambda: nn.Upsample(size=(7, 9)), (2, 2, 4, 5))),
+    ("Upsample", "size_down_odd", simple(lambda: nn.Upsample(size=(3, 5)), (1, 2, 8, 11))),
+    ("Upsample", "scale_up_2.5", simple(lambda: nn.Upsample(scale_factor=2.5), (1, 2, 3, 4))),
+    ("Upsample", "scale_down_0.6", simple(lambda: nn.Upsample(scale_factor=0.6), (1, 2, 9, 7))),
+    ("Upsample", "scale_pair", simple(lambda: nn.Upsample(scale_factor=(1.7, 0.45)), (1, 2, 5, 11))),
+    ("Upsample", "align_up_odd", simple(lambda: nn.Upsample(size=(7, 5), align_corners=True), (1, 2, 4, 3))),
+    ("Upsample", "align_down_odd", simple(lambda: nn.Upsample(size=(3, 5), align_corners=True), (1, 2, 8, 11))),
+    ("Upsample", "align_scale_up", simple(lambda: nn.Upsample(scale_factor=2, align_corners=True), (1, 2, 3, 5))),
+    # joins and containers
+    ("Concat", "three_inputs", concat3),
+    ("Identity", "identity", simple(nn.Identity, (2, 3, 4, 5))),
+    ("Sequential", "conv_bn_relu_maxpool", conv_bn_relu_pool),
+]
+
+
+@pytest.mark.parametrize("kind,case_id,make", CASES, ids=[f"{k}-{c}" for k, c, _ in CASES])
+def test_gradcheck(kind, case_id, make, xp, device):
+    rng = np.random.default_rng(zlib.crc32(case_id.encode()))
+    module, inputs = make(rng)
+    module.to(device)
+    inputs = tuple(xp.asarray(x) for x in inputs)
+    result = check_module(module, inputs, rng=np.random.default_rng(5), **CHECK_OPTIONS)
+    names = [row.name for row in result.rows]
+    # every parameter and every input was checked
+    assert names[:len(inputs)] == (["input"] if len(inputs) == 1 else [f"input{i}" for i in range(len(inputs))])
+    assert names[len(inputs):] == [n for n, _ in module.named_parameters()]
+    assert all(row.checked == int(np.prod(row.shape)) for row in result.rows), result.table()
+    assert result.worst <= 1e-6, result.table()
+
+
+def test_table_covers_every_layer():
+    """The table is the acceptance bar: a layer exported by minideeplab.nn without a case fails here."""
+    covered = {kind for kind, _, _ in CASES}
+    exported = {name for name in nn.__all__ if isinstance(getattr(nn, name), type)
+                and issubclass(getattr(nn, name), nn.Module)}
+    assert exported - covered <= {"Module", "ModuleList"}
+
+
+def test_checker_catches_a_wrong_backward():
+    """The checker itself must fail on a backward that is off by a little (else the table proves nothing)."""
+    class Leaky(nn.ReLU):
+        def backward(self, dout):
+            return super().backward(dout) * (1 + 1e-4)
+
+    x = distinct(np.random.default_rng(0), 2, 3, 4)
+    with pytest.raises(AssertionError, match="gradient check failed for Leaky"):
+        check_module(Leaky(), x)
