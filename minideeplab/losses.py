@@ -326,5 +326,13 @@ def build_loss(name: str, **kwargs) -> Module:
     return CombinedLoss([(1.0, LOSSES[p]()) for p in parts])
 
 
-__all__ = ["BCEWithLogitsLoss", "DiceLoss", "FocalLoss", "HingeLoss", "SquaredHingeLoss", "CombinedLoss",
-           "build_loss", "LOSSES"]
+__all__ = [
+    "LOSSES",
+    "BCEWithLogitsLoss",
+    "CombinedLoss",
+    "DiceLoss",
+    "FocalLoss",
+    "HingeLoss",
+    "SquaredHingeLoss",
+    "build_loss",
+]
