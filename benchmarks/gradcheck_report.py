@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     per_kind: dict[str, dict] = {}
     failed = []
     for kind, case_id, result in run(args.device):
-        row = per_kind.setdefault(kind, dict(cases=0, tensors=0, entries=0, worst=0.0, where="", order=len(per_kind)))
+        row = per_kind.setdefault(kind, {"cases": 0, "tensors": 0, "entries": 0, "worst": 0.0, "where": "",
+                                         "order": len(per_kind)})
         row["cases"] += 1
         row["tensors"] += len(result.rows)
         row["entries"] += sum(r.checked for r in result.rows)

@@ -14,7 +14,7 @@ from minideeplab.gradcheck import check_module
 
 F64 = np.float64
 # every entry of these small tensors is checked (none sampled)
-CHECK_OPTIONS = dict(rtol=1e-6, full_limit=1000)
+CHECK_OPTIONS = {"rtol": 1e-6, "full_limit": 1000}
 
 
 def randn(rng, *shape):
