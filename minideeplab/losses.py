@@ -96,8 +96,9 @@ class _ElementwiseLoss(Module):
 class BCEWithLogitsLoss(_ElementwiseLoss):
     """Binary cross-entropy on logits, ``l = -[p*t*log s(x) + (1-t)*log(1-s(x))]`` with s = sigmoid.
 
-    Computed as ``l = (1-t)*x + w*softplus(-x)`` with ``w = 1 + (p-1)*t`` (for p=1 this is
-    ``max(x,0) - x*t + log1p(exp(-|x|))``); gradient ``dl/dx = (1-t)*s(x) - p*t*s(-x)`` (= s(x) - t for p=1).
+    Computed as ``max(x,0) - x*t + log1p(exp(-|x|))`` (p = 1) or ``(1-t)*softplus(x) + p*t*softplus(-x)``:
+    each term is relatively accurate for saturated logits; ``(1-t)*x + softplus(-x)`` would cancel to 0.
+    Gradient ``dl/dx = (1-t)*s(x) - p*t*s(-x)`` (= s(x) - t for p = 1).
 
     Shapes: logits (any, e.g. (N, 1, H, W)), target (same) -> 0-d (mean/sum) or logits' shape (none).
 
@@ -117,17 +118,20 @@ class BCEWithLogitsLoss(_ElementwiseLoss):
 
     def _elementwise(self, x, t):
         xp = get_array_module(x)
-        sp_neg = _softplus(-x)                      # -log s(x)
         if self.pos_weight is None:
-            loss = (1 - t) * x + sp_neg
+            loss = (xp.maximum(x, 0) - x * t) + xp.log1p(xp.exp(-xp.abs(x)))
             # dl/dx = s(x) - t, written as (1-t)*s(x) - t*s(-x) to avoid cancellation for saturated logits
             grad = (1 - t) * _sigmoid(x) - t * _sigmoid(-x)
             return loss, grad
         p = xp.asarray(self.pos_weight, dtype=x.dtype)
-        if np.broadcast_shapes(p.shape, x.shape) != tuple(x.shape):
+        try:
+            fits = np.broadcast_shapes(p.shape, x.shape) == tuple(x.shape)
+        except ValueError:
+            fits = False
+        if not fits:
             raise ValueError(f"BCEWithLogitsLoss: pos_weight of shape {tuple(p.shape)} does not broadcast to "
                              f"the logits' shape {tuple(x.shape)}")
-        loss = (1 - t) * x + (1 + (p - 1) * t) * sp_neg
+        loss = (1 - t) * _softplus(x) + p * t * _softplus(-x)     # softplus(-x) = -log s(x)
         # dl/dx = (1-t) s(x) - p t s(-x)
         grad = (1 - t) * _sigmoid(x) - p * t * _sigmoid(-x)
         return loss, grad
@@ -216,8 +220,10 @@ class DiceLoss(Module):
     By default the sums run over the whole batch (one Dice over all pixels of all images, as most
     segmentation code does, so images without foreground do not dominate); ``per_image=True`` computes one
     Dice per image (sums over all axes but the first) and averages ``1 - D_n`` over the batch.
-    Gradient, with I = sum(p*t), S = sum(p) + sum(t):
-    ``dL/dx_i = -(2*t_i*(S + s) - (2*I + s)) / (S + s)**2 * p_i*(1 - p_i)`` (divided by N when per image).
+    Computed as ``L = A / den`` with ``A = sum(p + t - 2pt) = sum(q)``, q = s(+-x) the probability of the
+    wrong class, and den = sum(p) + sum(t) + s: exact algebra, but relatively accurate near a perfect
+    prediction where ``1 - D`` would round to 0. Gradient, with sign = 1 - 2t:
+    ``dL/dx_i = p_i*(1 - p_i) * (sign_i*den - A) / den**2`` (divided by N when per image).
 
     Shapes: logits (N, ...), target (same) -> 0-d.
 
@@ -232,29 +238,30 @@ class DiceLoss(Module):
             raise ValueError(f"DiceLoss: smooth must be > 0, got {smooth}")
         self.smooth = float(smooth)
         self.per_image = bool(per_image)
-        self.cache = None   # (p, t, num, den): what backward needs
+        self.cache = None   # (p(1-p), sign, A, den): what backward needs
 
     def forward(self, logits, target):
         t = _check_pair("DiceLoss", logits, target)
         xp = get_array_module(logits)
-        p = _sigmoid(logits)
         axes = tuple(range(1, logits.ndim)) if self.per_image and logits.ndim > 1 else None
-        num = 2 * xp.sum(p * t, axis=axes, keepdims=axes is not None) + self.smooth
-        den = xp.sum(p, axis=axes, keepdims=axes is not None) + xp.sum(t, axis=axes, keepdims=axes is not None) \
+        keep = axes is not None
+        sign = 1 - 2 * t
+        q = _sigmoid(sign * logits)                               # p where t = 0, 1 - p where t = 1
+        wrong = xp.sum(q, axis=axes, keepdims=keep)               # A = den - num
+        den = xp.sum(_sigmoid(logits), axis=axes, keepdims=keep) + xp.sum(t, axis=axes, keepdims=keep) \
             + self.smooth
-        self.cache = (p, t, num, den)
-        return xp.asarray(xp.mean(1 - num / den))
+        self.cache = (q * _sigmoid(-sign * logits), sign, wrong, den)
+        return xp.asarray(xp.mean(wrong / den))
 
     def backward(self, dout=1.0):
         self._need(self.cache)
-        p, t, num, den = self.cache
-        xp = get_array_module(p)
+        pq, sign, wrong, den = self.cache
+        xp = get_array_module(pq)
         if not isinstance(dout, (int, float)):
             dout = xp.asarray(dout)
-        n = p.shape[0] if self.per_image and p.ndim > 1 else 1
-        # dD/dp_i = (2 t_i den - num) / den^2;  dL/dx_i = -dD/dp_i * p_i (1 - p_i) / n
-        dp = -(2 * t * den - num) / (den * den) / n
-        return (dp * p * (1 - p)) * dout
+        n = pq.shape[0] if self.per_image and pq.ndim > 1 else 1
+        # dA/dx_i = sign_i p_i(1-p_i), dden/dx_i = p_i(1-p_i):  dL/dx_i = p_i(1-p_i)(sign_i den - A) / den^2 / n
+        return (pq * (sign * den - wrong) / (den * den * n)) * dout
 
     def _clear_cache(self):
         self.cache = None
