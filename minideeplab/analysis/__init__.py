@@ -1,0 +1,13 @@
+"""Analysis for teaching: receptive fields (analytic, exact region, empirical), valid atrous weights,
+output stride vs cost, and the figures of the docs (``python -m minideeplab.analysis.figures``)."""
+from .graph import Graph, Node, trace
+from .output_stride import OSRow, OSTable, count_macs, count_params, output_stride_table
+from .receptive_field import (EmpiricalRF, RFRegion, RFRow, RFTable, empirical_receptive_field, receptive_field,
+                              receptive_field_region)
+from .valid_weights import valid_taps_per_axis, valid_weight_curves, valid_weight_histogram
+
+__all__ = [
+    "Graph", "Node", "trace", "RFRow", "RFTable", "RFRegion", "EmpiricalRF", "receptive_field",
+    "receptive_field_region", "empirical_receptive_field", "valid_weight_histogram", "valid_taps_per_axis",
+    "valid_weight_curves", "OSRow", "OSTable", "output_stride_table", "count_macs", "count_params",
+]
