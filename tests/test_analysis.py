@@ -5,8 +5,13 @@ import pytest
 
 from minideeplab import nn
 from minideeplab.analysis import count_macs, count_params, output_stride_table, valid_weight_histogram
-from minideeplab.analysis.figures import (architecture_figure, effective_rf_figure, output_stride_figure, save_figure,
-                                          valid_weights_figure)
+from minideeplab.analysis.figures import (
+    architecture_figure,
+    effective_rf_figure,
+    output_stride_figure,
+    save_figure,
+    valid_weights_figure,
+)
 from minideeplab.models import DeepLabConfig, build_deeplab
 
 
@@ -92,5 +97,6 @@ def test_figures_render(tmp_path):
             "erf.png": effective_rf_figure({"small": model.backbone.eval()}, 64)}
     for name, fig in figs.items():
         path = save_figure(fig, tmp_path / name)
-        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(figs)   # no temporary file left behind

@@ -90,7 +90,7 @@ def test_joins_name_the_path_with_the_largest_field():
     block = table.at("backbone.features.denseblock2")
     assert block.kind == "join" and block.note.endswith("denseblock2.denselayer2.conv2")
     aspp = table.at("head.aspp.branches.3")
-    concat = [r for r in table if r.name == "head.aspp.concat"][0]
+    concat = next(r for r in table if r.name == "head.aspp.concat")
     assert concat.note == "max via head.aspp.branches.3.conv"   # rate 18 is the widest branch
     assert concat.rf == aspp.rf
     gap = table.at("head.aspp.pooling.gap")

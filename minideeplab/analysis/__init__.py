@@ -2,12 +2,34 @@
 output stride vs cost, and the figures of the docs (``python -m minideeplab.analysis.figures``)."""
 from .graph import Graph, Node, trace
 from .output_stride import OSRow, OSTable, count_macs, count_params, output_stride_table
-from .receptive_field import (EmpiricalRF, RFRegion, RFRow, RFTable, empirical_receptive_field, receptive_field,
-                              receptive_field_region)
+from .receptive_field import (
+                              EmpiricalRF,
+                              RFRegion,
+                              RFRow,
+                              RFTable,
+                              empirical_receptive_field,
+                              receptive_field,
+                              receptive_field_region,
+)
 from .valid_weights import valid_taps_per_axis, valid_weight_curves, valid_weight_histogram
 
 __all__ = [
-    "Graph", "Node", "trace", "RFRow", "RFTable", "RFRegion", "EmpiricalRF", "receptive_field",
-    "receptive_field_region", "empirical_receptive_field", "valid_weight_histogram", "valid_taps_per_axis",
-    "valid_weight_curves", "OSRow", "OSTable", "output_stride_table", "count_macs", "count_params",
+                              "EmpiricalRF",
+                              "Graph",
+                              "Node",
+                              "OSRow",
+                              "OSTable",
+                              "RFRegion",
+                              "RFRow",
+                              "RFTable",
+                              "count_macs",
+                              "count_params",
+                              "empirical_receptive_field",
+                              "output_stride_table",
+                              "receptive_field",
+                              "receptive_field_region",
+                              "trace",
+                              "valid_taps_per_axis",
+                              "valid_weight_curves",
+                              "valid_weight_histogram",
 ]

@@ -114,7 +114,7 @@ def _box(ax, x, y, w, h, text, color):
 
 
 def _arrow(ax, x0, y0, x1, y1):
-    ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->", lw=0.8))
+    ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "->", "lw": 0.8})
 
 
 def architecture_figure(model, input_size: int = 512) -> Figure:

@@ -19,8 +19,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..nn import (AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Concat, Conv2d, Dropout, Identity, MaxPool2d,
-                  ReLU, Sigmoid, Upsample)
+from ..nn import (
+    AdaptiveAvgPool2d,
+    AvgPool2d,
+    BatchNorm2d,
+    Concat,
+    Conv2d,
+    Dropout,
+    Identity,
+    MaxPool2d,
+    ReLU,
+    Sigmoid,
+    Upsample,
+)
 from ..nn.functional import conv_output_size, pair
 
 POINTWISE = (BatchNorm2d, ReLU, Sigmoid, Dropout, Identity, Concat)
