@@ -11,7 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..backend import check_device, get_array_module, to_device
+from ..backend import check_device, device_of, get_array_module, to_device
 
 
 class Parameter:
@@ -137,11 +137,13 @@ class Module:
             for name, p in mod._parameters.items():
                 if pre + name in state:
                     xp = get_array_module(p.data)
-                    p.data[...] = xp.asarray(state[pre + name], dtype=p.data.dtype)
+                    # to_device: a state from the other device (CuPy <-> NumPy) loads too
+                    value = to_device(state[pre + name], device_of(p.data))
+                    p.data[...] = xp.asarray(value, dtype=p.data.dtype)
             for name, b in mod._buffers.items():
                 if pre + name in state and b is not None:
                     xp = get_array_module(b)
-                    b[...] = xp.asarray(state[pre + name], dtype=b.dtype)
+                    b[...] = xp.asarray(to_device(state[pre + name], device_of(b)), dtype=b.dtype)
 
     # -- modes, gradients, devices ------------------------------------------------------------------
     def train(self, mode: bool = True) -> "Module":
