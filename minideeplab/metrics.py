@@ -1,7 +1,7 @@
 """Segmentation metrics from confusion counts accumulated over batches.
 
-``ConfusionMeter`` thresholds probabilities (``pred = probs >= threshold``), counts true/false positives and
-negatives over every pixel it is given, and derives the metrics from the totals (micro-averaging: one IoU
+``ConfusionMeter`` thresholds probabilities (``pred = probs > threshold``, as ``model.predict`` does),
+counts true/false positives and negatives over every pixel it is given, and derives the metrics from the totals (micro-averaging: one IoU
 over the whole data set, not a mean of per-image IoUs).
 
 Conventions for the 0/0 cases (a ratio with nothing to count):
@@ -31,7 +31,8 @@ class ConfusionMeter:
     Shapes: ``update(probs, target)``: probs (N, 1, H, W) or any shape, target (same), on any backend.
 
     Args:
-        threshold: a pixel is predicted foreground when its probability is >= threshold.
+        threshold: a pixel is predicted foreground when its probability is > threshold (strictly, like
+            ``DeepLabV3.predict``: a logit of exactly 0 is background).
     """
 
     def __init__(self, threshold: float = 0.5):
@@ -59,7 +60,7 @@ class ConfusionMeter:
                 raise ValueError(f"ConfusionMeter.update: probs must be probabilities in [0, 1], got values in "
                                  f"[{float(probs.min()):.4g}, {float(probs.max()):.4g}] "
                                  "(logits? apply a sigmoid first)")
-            pred = probs >= self.threshold
+            pred = probs > self.threshold
         else:
             raise TypeError(f"ConfusionMeter.update: probs must be a float or boolean array, got {probs.dtype}")
         if target.dtype.kind not in "biuf":

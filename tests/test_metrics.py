@@ -5,13 +5,13 @@ import pytest
 from minideeplab.metrics import ConfusionMeter, format_metrics
 
 # A 3x3 mask and probabilities; at threshold 0.5 the prediction is
-#   target      pred (p >= 0.5)
+#   target      pred (p > 0.5)
 #   1 1 0       1 0 0          tp: (0,0) (1,1) (2,0)         = 3
 #   0 1 1       1 1 0          fp: (1,0)                     = 1
 #   1 0 0       1 0 0          fn: (0,1) (1,2)               = 2
 #                              tn: (0,2) (2,1) (2,2)         = 3
 TARGET = np.array([[1, 1, 0], [0, 1, 1], [1, 0, 0]], dtype=np.float32)
-PROBS = np.array([[0.9, 0.4, 0.1], [0.5, 0.8, 0.2], [0.7, 0.3, 0.0]], dtype=np.float32)
+PROBS = np.array([[0.9, 0.4, 0.1], [0.6, 0.8, 0.2], [0.7, 0.3, 0.0]], dtype=np.float32)
 
 
 def test_hand_counted_case(xp):
@@ -29,7 +29,7 @@ def test_hand_counted_case(xp):
 
 
 def test_threshold_changes_counts(xp):
-    # at 0.35: 0.4 becomes a hit (tp 4, fn 1); 0.5 stays fp; nothing else crosses -> tp 4, fp 1, fn 1, tn 3
+    # at 0.35: 0.4 becomes a hit (tp 4, fn 1); 0.6 stays fp; nothing else crosses -> tp 4, fp 1, fn 1, tn 3
     meter = ConfusionMeter(threshold=0.35)
     meter.update(xp.asarray(PROBS), xp.asarray(TARGET))
     m = meter.compute()
@@ -69,10 +69,10 @@ def test_empty_conventions(xp):
     assert (m["iou"], m["dice"], m["precision"], m["recall"], m["accuracy"]) == (0.0, 0.0, 0.0, 1.0, 0.75)
 
 
-def test_threshold_is_inclusive_and_boolean_predictions(xp):
-    meter = ConfusionMeter(threshold=0.5)
-    meter.update(xp.asarray([0.5, 0.49999]), xp.asarray([1, 1], dtype=np.uint8))
-    assert (meter.tp, meter.fn) == (1, 1)
+def test_threshold_is_strict_and_boolean_predictions(xp):
+    meter = ConfusionMeter(threshold=0.5)                 # like model.predict: probs > threshold
+    meter.update(xp.asarray([0.50001, 0.5, 0.3]), xp.asarray([1, 1, 1], dtype=np.uint8))
+    assert (meter.tp, meter.fn) == (1, 2)
     pred = ConfusionMeter()
     pred.update(xp.asarray([True, False, True]), xp.asarray([True, True, False]))
     assert (pred.tp, pred.fp, pred.fn, pred.tn) == (1, 1, 1, 0)
