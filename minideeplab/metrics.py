@@ -1,8 +1,8 @@
 """Segmentation metrics from confusion counts accumulated over batches.
 
 ``ConfusionMeter`` thresholds probabilities (``pred = probs > threshold``, as ``model.predict`` does),
-counts true/false positives and negatives over every pixel it is given, and derives the metrics from the totals (micro-averaging: one IoU
-over the whole data set, not a mean of per-image IoUs).
+counts true/false positives and negatives over every pixel it is given, and derives the metrics from the
+totals (micro-averaging: one IoU over the whole data set, not a mean of per-image IoUs).
 
 Conventions for the 0/0 cases (a ratio with nothing to count):
 - IoU = tp / (tp + fp + fn) and Dice = 2tp / (2tp + fp + fn) are 1 when mask and prediction are both empty
