@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from minideeplab import nn
-from minideeplab.gradcheck import check_module
+from minideeplab.gradcheck import check_function, check_module
 
 F64 = np.float64
 # every entry of these small tensors is checked (none sampled)
@@ -165,3 +165,44 @@ def test_checker_catches_a_wrong_backward():
     x = distinct(np.random.default_rng(0), 2, 3, 4)
     with pytest.raises(AssertionError, match="gradient check failed for Leaky"):
         check_module(Leaky(), x)
+
+
+def test_check_function_passes_and_fails():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+
+    def mul(a, b):
+        return a * b, lambda d: (d * b, d * a)
+
+    def mul_wrong(a, b):
+        return a * b, lambda d: (d * b, d * b)   # wrong gradient for b
+
+    result = check_function(mul, a, b)
+    assert [r.name for r in result.rows] == ["input0", "input1"] and result.worst <= 1e-6
+    with pytest.raises(AssertionError, match=r"input1 .* NO"):
+        check_function(mul_wrong, a, b)
+    assert check_function(mul_wrong, a, b, wrt_inputs=(0,)).passed
+
+
+def test_check_module_restores_state_and_rejects_float32():
+    rng = np.random.default_rng(1)
+    bn = nn.BatchNorm2d(3, dtype=F64)
+    before = {k: v.copy() for k, v in bn.state_dict().items()}
+    check_module(bn, rng.standard_normal((2, 3, 4, 4)) + 5)
+    for k, v in bn.state_dict().items():   # the many extra forwards did not move the running statistics
+        np.testing.assert_array_equal(v, before[k])
+    with pytest.raises(TypeError, match="parameter weight is float32; gradient checks run in float64"):
+        check_module(nn.BatchNorm2d(3), rng.standard_normal((2, 3, 4, 4)))
+    with pytest.raises(TypeError, match="input 0 is float32"):
+        check_module(nn.ReLU(), rng.standard_normal((2, 3)).astype(np.float32))
+
+
+def test_sampled_check_of_large_tensors():
+    """Tensors above full_limit are checked on `samples` entries plus the largest analytic entry."""
+    rng = np.random.default_rng(2)
+    conv = nn.Conv2d(4, 5, 3, padding=1, rng=rng, dtype=F64)
+    result = check_module(conv, rng.standard_normal((2, 4, 8, 8)), full_limit=64, samples=10, rng=rng)
+    checked = {r.name: r.checked for r in result.rows}
+    assert checked["bias"] == 5                      # small: every entry
+    assert checked["input"] in (10, 11) and checked["weight"] in (10, 11)
+    assert result.passed
