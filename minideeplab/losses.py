@@ -124,11 +124,7 @@ class BCEWithLogitsLoss(_ElementwiseLoss):
             grad = (1 - t) * _sigmoid(x) - t * _sigmoid(-x)
             return loss, grad
         p = xp.asarray(self.pos_weight, dtype=x.dtype)
-        try:
-            fits = np.broadcast_shapes(p.shape, x.shape) == tuple(x.shape)
-        except ValueError:
-            fits = False
-        if not fits:
+        if p.ndim > x.ndim or any(a not in (1, b) for a, b in zip(p.shape[::-1], x.shape[::-1])):
             raise ValueError(f"BCEWithLogitsLoss: pos_weight of shape {tuple(p.shape)} does not broadcast to "
                              f"the logits' shape {tuple(x.shape)}")
         loss = (1 - t) * _softplus(x) + p * t * _softplus(-x)     # softplus(-x) = -log s(x)
@@ -282,7 +278,7 @@ class CombinedLoss(Module):
     def __init__(self, terms):
         super().__init__()
         terms = list(terms)
-        if not terms or not all(isinstance(w, (int, float)) and isinstance(m, Module) for w, m in terms):
+        if not terms or not all(isinstance(w, (int, float, np.number)) and isinstance(m, Module) for w, m in terms):
             raise ValueError("CombinedLoss: expected a non-empty list of (weight, loss module) pairs, "
                              f"got {terms!r}")
         self.weights = [float(w) for w, _ in terms]
@@ -333,13 +329,5 @@ def build_loss(name: str, **kwargs) -> Module:
     return CombinedLoss([(1.0, LOSSES[p]()) for p in parts])
 
 
-__all__ = [
-    "LOSSES",
-    "BCEWithLogitsLoss",
-    "CombinedLoss",
-    "DiceLoss",
-    "FocalLoss",
-    "HingeLoss",
-    "SquaredHingeLoss",
-    "build_loss",
-]
+__all__ = ["LOSSES", "BCEWithLogitsLoss", "CombinedLoss", "DiceLoss", "FocalLoss", "HingeLoss",
+           "SquaredHingeLoss", "build_loss"]
