@@ -75,6 +75,10 @@ class LRScheduler:
         kind = str(np.asarray(state.get("scheduler", "")))
         if kind != cls:
             raise ValueError(f"{cls}.load_state_dict: the state is from schedule {kind or '(missing)'!r}, not {cls}")
+        missing = [k for k in ("last_step", "base_lr", "total_steps", "warmup_steps", *self.extra_names)
+                   if k not in state]
+        if missing:
+            raise ValueError(f"{cls}.load_state_dict: missing keys {missing}")
         self.last_step = int(np.asarray(state["last_step"]))
         self.base_lr = float(np.asarray(state["base_lr"]))
         self.total_steps = int(np.asarray(state["total_steps"]))

@@ -73,6 +73,9 @@ class Optimizer:
         n = int(np.asarray(state.get("num_params", -1)))
         if n != len(self.params):
             raise ValueError(f"{cls}.load_state_dict: the state has {n} parameters, this optimizer {len(self.params)}")
+        missing = [k for k in ("lr", "steps") if k not in state]
+        if missing:
+            raise ValueError(f"{cls}.load_state_dict: missing keys {missing}")
         allowed = {"optimizer", "lr", "steps", "num_params", *self.hparam_names}
         allowed |= {f"state.{i}.{s}" for i in range(n) for s in self.state_names}
         unexpected = sorted(set(state) - allowed)

@@ -174,7 +174,12 @@ def test_load_state_dict_errors(xp):
         Adam([Parameter(xp.zeros(4))]).load_state_dict(adam.state_dict())
     with pytest.raises(ValueError, match=r"unexpected keys \['bogus'\]"):
         Adam([p]).load_state_dict({**adam.state_dict(), "bogus": np.zeros(1)})
+    partial = {k: v for k, v in adam.state_dict().items() if k != "steps"}
+    with pytest.raises(ValueError, match=r"Adam.load_state_dict: missing keys \['steps'\]"):
+        Adam([p]).load_state_dict(partial)
     sched = PolyLR(adam, total_steps=5)
+    with pytest.raises(ValueError, match=r"PolyLR.load_state_dict: missing keys \['power'\]"):
+        PolyLR(adam, total_steps=5).load_state_dict({k: v for k, v in sched.state_dict().items() if k != "power"})
     with pytest.raises(ValueError, match="CosineLR.load_state_dict: the state is from schedule 'PolyLR'"):
         CosineLR(adam, total_steps=5).load_state_dict(sched.state_dict())
 
