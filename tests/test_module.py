@@ -308,3 +308,15 @@ def test_bn_running_estimates_use_unbiased_variance():
     assert int(bn.num_batches_tracked) == 1
     out = bn(x)   # train mode normalises with the batch's biased variance
     np.testing.assert_allclose(out.ravel(), (np.array([1, 2, 3, 6]) - 3) / np.sqrt(3.5 + 1e-5))
+
+
+def test_sigmoid_and_batchnorm_stay_finite_at_extremes():
+    x = np.array([-1e4, -100.0, 0.0, 100.0, 1e4], dtype=np.float32).reshape(1, 1, 1, 5)
+    with np.errstate(all="raise"):                      # no overflow on the way
+        s = nn.Sigmoid()(x)
+        bn = nn.BatchNorm2d(1)
+        out = bn(np.full((2, 1, 3, 3), 7.0, dtype=np.float32))   # a constant channel: variance 0
+        dx = bn.backward(np.ones((2, 1, 3, 3), dtype=np.float32))
+    np.testing.assert_array_equal(s.ravel(), [0.0, 0.0, 0.5, 1.0, 1.0])
+    np.testing.assert_array_equal(out, 0.0)
+    assert np.all(np.isfinite(dx))
