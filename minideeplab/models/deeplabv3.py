@@ -1,0 +1,90 @@
+"""DeepLabV3 (Chen et al., 2017): atrous backbone → ASPP → 1×1 classifier → bilinear upsample to the input."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..nn import Conv2d, Module, Upsample, sigmoid
+from ..nn.functional import check_input
+from .aspp import ASPP
+from .config import DeepLabConfig
+from .densenet import DenseNet, _Named, check_output_stride
+
+
+class DeepLabV3(Module):
+    """Segmentation network: ``backbone`` → ``head`` (``aspp`` → ``classifier``) → ``upsample``.
+
+    Works for any input size: the logits are resized with bilinear interpolation (align_corners=False) to
+    exactly (H, W), also when H, W are not multiples of the output stride.
+
+    Batch size 1 in training mode raises a ValueError naming the image-pooling branch
+    (``head.aspp.pooling``): its batch norm would see one value per channel. Train with batches of at
+    least 2 images; a single image runs fine in eval mode.
+
+    Shapes:
+        x: (N, 3, H, W) -> logits: (N, num_classes, H, W).
+
+    Args:
+        backbone: a ``DenseNet`` (any output stride); its ``out_channels`` feed the ASPP.
+        num_classes: logit channels (1 for binary segmentation: apply a sigmoid).
+        output_stride: must equal the backbone's; sets the default rates.
+        rates: atrous rates; None means (6, 12, 18) * 16 / output_stride, i.e. (12, 24, 36) at 8.
+        aspp_channels: ASPP width. dropout: after the ASPP projection.
+        rng, dtype: initialisation Generator and parameter dtype.
+    """
+
+    def __init__(self, backbone: DenseNet, num_classes: int = 1, output_stride: int = 16, rates=None,
+                 aspp_channels: int = 256, dropout: float = 0.1, rng: np.random.Generator | None = None,
+                 dtype=np.float32):
+        super().__init__()
+        check_output_stride(output_stride)
+        if getattr(backbone, "output_stride", output_stride) != output_stride:
+            raise ValueError(f"DeepLabV3: output_stride={output_stride} but the backbone was built with "
+                             f"output_stride={backbone.output_stride}")
+        rng = rng if rng is not None else np.random.default_rng()
+        rates = tuple(rates) if rates is not None else tuple(r * 16 // output_stride for r in (6, 12, 18))
+        self.output_stride, self.rates, self.num_classes = output_stride, rates, int(num_classes)
+        self.backbone = backbone
+        self.head = _Named(aspp=ASPP(backbone.out_channels, aspp_channels, rates, dropout, rng=rng, dtype=dtype),
+                           classifier=Conv2d(aspp_channels, num_classes, 1, bias=True, rng=rng, dtype=dtype))
+        self.upsample = Upsample(size=(1, 1), mode="bilinear", align_corners=False)
+        self.config = None   # set by build_deeplab
+
+    def forward(self, x):
+        check_input("DeepLabV3", x, 3)
+        logits = self.head(self.backbone(x))
+        self.upsample.size = tuple(x.shape[2:])   # back to the input size, whatever the rounding was
+        return self.upsample(logits)
+
+    def backward(self, dlogits):
+        return self.backbone.backward(self.head.backward(self.upsample.backward(dlogits)))
+
+    def predict_proba(self, x):
+        """Sigmoid of the logits (N, num_classes, H, W), in the current mode (call ``eval()`` first)."""
+        return sigmoid(self(x))
+
+    def predict(self, x, threshold: float = 0.5):
+        """Boolean mask ``predict_proba(x) > threshold``, in the current mode (call ``eval()`` first)."""
+        return self.predict_proba(x) > threshold
+
+    def extra_repr(self):
+        return f"num_classes={self.num_classes}, output_stride={self.output_stride}, rates={self.rates}"
+
+
+def build_deeplab(config: DeepLabConfig | None = None, rng: np.random.Generator | None = None,
+                  dtype=np.float32) -> DeepLabV3:
+    """Build the network ``config`` describes (default: DeepLabV3-DenseNet121, output stride 16)."""
+    config = config if config is not None else DeepLabConfig()
+    rng = rng if rng is not None else np.random.default_rng()
+    backbone = DenseNet(config.growth_rate, config.block_config, config.num_init_features, config.bn_size,
+                        output_stride=config.output_stride, rng=rng, dtype=dtype)
+    model = DeepLabV3(backbone, config.num_classes, config.output_stride, config.resolved_rates,
+                      config.aspp_channels, config.dropout, rng=rng, dtype=dtype)
+    model.config = config
+    return model
+
+
+def deeplabv3_densenet121(num_classes: int = 1, output_stride: int = 16, rates=None,
+                          rng: np.random.Generator | None = None, dtype=np.float32) -> DeepLabV3:
+    """DeepLabV3 on DenseNet-121 (ImageNet weights load with ``io.import_torchvision_densenet121``)."""
+    config = DeepLabConfig(num_classes=num_classes, output_stride=output_stride, rates=rates)
+    return build_deeplab(config, rng=rng, dtype=dtype)

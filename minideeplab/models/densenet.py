@@ -1,0 +1,204 @@
+"""DenseNet-BC (Huang et al., 2017) as an atrous backbone with output stride 8, 16 or 32.
+
+Names follow torchvision's ``densenet121`` exactly (``features.conv0.weight``,
+``features.denseblock1.denselayer1.norm1.running_mean``, ``features.transition1.conv.weight``,
+``features.norm5.bias``, ...), so ImageNet weights load without renaming.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import get_array_module
+from ..nn import AvgPool2d, BatchNorm2d, Conv2d, Identity, MaxPool2d, Module, ReLU, Sequential
+from ..nn.functional import check_input
+
+OUTPUT_STRIDES = (8, 16, 32)
+
+
+def check_output_stride(output_stride) -> int:
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
+    return int(output_stride)
+
+
+class _Named(Sequential):
+    """A Sequential whose children have names (``norm1``, ``conv``, ...) instead of indices."""
+
+    def __init__(self, **children: Module):
+        super().__init__()
+        for name, m in children.items():
+            self.add_module(name, m)
+
+
+class DenseLayer(_Named):
+    """BN → ReLU → 1×1 conv (bottleneck, ``bn_size * growth_rate``) → BN → ReLU → 3×3 conv (``growth_rate``).
+
+    Returns only the *new* features; the block appends them to its buffer. ``norm1`` reads a channel-prefix
+    view of that buffer, which is safe because no layer here writes to its input.
+
+    Shapes:
+        x: (N, C_in, H, W) -> new: (N, growth_rate, H, W) (padding = dilation keeps H, W).
+
+    Args:
+        num_input_features: C_in.
+        growth_rate: channels added by this layer (k in the paper).
+        bn_size: bottleneck width factor.
+        dilation: dilation (and padding) of the 3×3 conv: 1, or 2/4 in atrous blocks.
+        rng, dtype: parameter initialisation and dtype.
+    """
+
+    def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, dilation: int = 1,
+                 rng: np.random.Generator | None = None, dtype=np.float32):
+        mid = bn_size * growth_rate
+        super().__init__(
+            norm1=BatchNorm2d(num_input_features, dtype=dtype), relu1=ReLU(),
+            conv1=Conv2d(num_input_features, mid, 1, bias=False, rng=rng, dtype=dtype),
+            norm2=BatchNorm2d(mid, dtype=dtype), relu2=ReLU(),
+            conv2=Conv2d(mid, growth_rate, 3, padding=dilation, dilation=dilation, bias=False, rng=rng, dtype=dtype))
+
+
+class DenseBlock(Module):
+    """``num_layers`` DenseLayers, each seeing the concatenation of the block input and all earlier outputs.
+
+    Memory-efficient concatenation: instead of ``concat([x, f1, ..., f_{l-1}])`` before every layer (L copies
+    of a growing tensor, O(L²) memory traffic), forward allocates ONE buffer of ``C_in + L*growth_rate``
+    channels, copies ``x`` into its first ``C_in`` channels, and each layer l reads the prefix
+    ``buffer[:, :C_in + (l-1)*k]`` (a view, no copy) and writes its k new channels into its own slice.
+    The buffer is the block's output. (torchvision's ``memory_efficient`` option reaches a similar
+    saving by recomputing the concatenations in backward; here they are never materialised at all.)
+
+    Shapes:
+        x: (N, C_in, H, W) -> out: (N, C_in + num_layers * growth_rate, H, W).
+
+    Args:
+        num_layers, num_input_features, bn_size, growth_rate: as in the paper / torchvision.
+        dilation: dilation of every 3×3 conv in the block (atrous blocks at output stride 16/8).
+        rng, dtype: parameter initialisation and dtype.
+    """
+
+    def __init__(self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int,
+                 dilation: int = 1, rng: np.random.Generator | None = None, dtype=np.float32):
+        super().__init__()
+        self.num_input_features, self.growth_rate = int(num_input_features), int(growth_rate)
+        self.num_layers, self.dilation = int(num_layers), int(dilation)
+        for i in range(num_layers):
+            self.add_module(f"denselayer{i + 1}", DenseLayer(num_input_features + i * growth_rate, growth_rate,
+                                                             bn_size, dilation, rng=rng, dtype=dtype))
+        self.out_channels = self.num_input_features + self.num_layers * self.growth_rate
+        self.buffer_shape = None   # shape of the concatenation buffer of the last forward
+
+    def forward(self, x):
+        check_input("DenseBlock", x, self.num_input_features)
+        xp = get_array_module(x)
+        N, C0, H, W = x.shape
+        buf = xp.empty((N, self.out_channels, H, W), dtype=x.dtype)   # the one concatenation buffer
+        buf[:, :C0] = x
+        c = C0
+        for layer in self.children():
+            buf[:, c:c + self.growth_rate] = layer(buf[:, :c])   # read prefix view, write own slice
+            c += self.growth_rate
+        self.buffer_shape = buf.shape
+        return buf
+
+    def backward(self, dout):
+        self._need(self.buffer_shape)
+        # ONE gradient buffer for the whole concatenation. Channel slice [c, c+k) of `grad` is dL/d(output of the
+        # layer that wrote it). Each later layer read a prefix containing that slice, so the slice's full gradient
+        # is the *sum* of dout's slice and the dx contributions of every later layer: going backwards through the
+        # layers, layer l's gradient is complete when we reach it (the split: it takes its own slice), and its dx,
+        # a gradient for the whole prefix it read, is *added* into grad[:, :c] (the sum at the concatenation).
+        grad = dout.copy()   # a copy: dout is never modified
+        c = self.out_channels
+        for layer in reversed(list(self.children())):
+            c -= self.growth_rate
+            grad[:, :c] += layer.backward(grad[:, c:c + self.growth_rate])
+        return grad[:, :self.num_input_features].copy()   # dL/dx; the copy lets the big buffer be freed
+
+    def _clear_cache(self):
+        self.buffer_shape = None
+
+    def extra_repr(self):
+        return (f"num_layers={self.num_layers}, in={self.num_input_features}, growth_rate={self.growth_rate}, "
+                f"dilation={self.dilation}")
+
+
+class Transition(_Named):
+    """BN → ReLU → 1×1 conv (``num_output_features``, usually half) → 2×2 average pool, stride 2.
+
+    With ``pool=False`` (atrous variants) the pooling is an ``Identity`` and the resolution is kept.
+
+    Shapes:
+        x: (N, C_in, H, W) -> out: (N, C_out, floor(H/2), floor(W/2)), or (N, C_out, H, W) without pooling.
+    """
+
+    def __init__(self, num_input_features: int, num_output_features: int, pool: bool = True,
+                 rng: np.random.Generator | None = None, dtype=np.float32):
+        super().__init__(norm=BatchNorm2d(num_input_features, dtype=dtype), relu=ReLU(),
+                         conv=Conv2d(num_input_features, num_output_features, 1, bias=False, rng=rng, dtype=dtype),
+                         pool=AvgPool2d(2, 2) if pool else Identity())
+
+
+class DenseNet(Module):
+    """DenseNet-BC feature extractor (no classifier) with a configurable output stride.
+
+    Output stride 32 is the plain network. 16: ``transition3`` keeps BN-ReLU-conv but drops its pooling and
+    ``denseblock4`` uses dilation 2. 8: ``transition2`` and ``transition3`` drop their pooling,
+    ``denseblock3`` uses dilation 2 and ``denseblock4`` dilation 4. The receptive field of each 3×3 conv after
+    a dropped pooling is thereby kept the same as in the plain network (DeepLab's atrous trick).
+    As torchvision's forward does, ``norm5`` is followed by a ReLU (``relu5``).
+
+    Shapes:
+        x: (N, 3, H, W) -> features: (N, C, H', W'), C = 1024 for densenet121, H' ≈ H / output_stride
+        (conv0 and pool0 round up, each 2×2 average pool rounds down).
+
+    Args:
+        growth_rate, block_config, num_init_features, bn_size: torchvision's meaning.
+        output_stride: 8, 16 or 32.
+        rng: ``numpy.random.Generator`` for the He-normal conv init (BN: weight 1, bias 0).
+        dtype: parameter dtype (float32 for training, float64 for gradient checks).
+    """
+
+    def __init__(self, growth_rate: int = 32, block_config=(6, 12, 24, 16), num_init_features: int = 64,
+                 bn_size: int = 4, output_stride: int = 32, rng: np.random.Generator | None = None,
+                 dtype=np.float32):
+        super().__init__()
+        self.output_stride = check_output_stride(output_stride)
+        block_config = tuple(int(b) for b in block_config)
+        if len(block_config) != 4:
+            raise ValueError(f"DenseNet: block_config must have 4 blocks (output strides are defined by its 3 "
+                             f"transitions), got {block_config}")
+        rng = rng if rng is not None else np.random.default_rng()
+        # which transitions keep their pooling, and the dilation of each block, per output stride
+        pooled = {32: (True, True, True), 16: (True, True, False), 8: (True, False, False)}[self.output_stride]
+        dilations = {32: (1, 1, 1, 1), 16: (1, 1, 1, 2), 8: (1, 1, 2, 4)}[self.output_stride]
+        self.block_config, self.growth_rate = block_config, int(growth_rate)
+        features = _Named(
+            conv0=Conv2d(3, num_init_features, 7, stride=2, padding=3, bias=False, rng=rng, dtype=dtype),
+            norm0=BatchNorm2d(num_init_features, dtype=dtype), relu0=ReLU(),
+            pool0=MaxPool2d(3, stride=2, padding=1))
+        c = num_init_features
+        for i, n in enumerate(block_config):
+            features.add_module(f"denseblock{i + 1}", DenseBlock(n, c, bn_size, growth_rate, dilations[i],
+                                                                 rng=rng, dtype=dtype))
+            c += n * growth_rate
+            if i < len(block_config) - 1:
+                features.add_module(f"transition{i + 1}", Transition(c, c // 2, pooled[i], rng=rng, dtype=dtype))
+                c //= 2
+        features.add_module("norm5", BatchNorm2d(c, dtype=dtype))
+        features.add_module("relu5", ReLU())
+        self.features = features
+        self.out_channels = c
+
+    def forward(self, x):
+        return self.features(x)
+
+    def backward(self, dout):
+        return self.features.backward(dout)
+
+    def extra_repr(self):
+        return f"output_stride={self.output_stride}, out_channels={self.out_channels}"
+
+
+def densenet121(output_stride: int = 32, rng: np.random.Generator | None = None, dtype=np.float32) -> DenseNet:
+    """DenseNet-121 features (growth 32, blocks (6, 12, 24, 16), 64 initial features, bn_size 4): 1024 channels."""
+    return DenseNet(32, (6, 12, 24, 16), 64, 4, output_stride=output_stride, rng=rng, dtype=dtype)
