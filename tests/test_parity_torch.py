@@ -6,6 +6,8 @@ Skipped when torch is not installed (CI installs the CPU build).
 """
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minideeplab import nn
 from minideeplab.backend import to_numpy
@@ -240,3 +242,51 @@ def test_sequential_conv_bn_relu_pool(dtype, xp, device, rng):
         return F.interpolate(y, size=(9, 8), mode="bilinear", align_corners=False)
 
     assert_parity(net, [rng.standard_normal((2, 3, 9, 8))], lambda x, **p: ref(x, **p), dtype, xp, rng)
+
+
+# -- random geometry (hypothesis): shapes and sizes the hand-picked cases above may have missed --------------
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(0, 3), st.integers(1, 4),
+       st.integers(1, 10), st.integers(1, 10), st.booleans(), st.integers(0, 2**31 - 1))
+def test_conv2d_random_geometry(kh, kw, s, p, d, H, W, bias, seed):
+    if (H + 2 * p - d * (kh - 1) - 1) < 0 or (W + 2 * p - d * (kw - 1) - 1) < 0:
+        return
+    rng = np.random.default_rng(seed)
+    conv = nn.Conv2d(2, 3, (kh, kw), stride=s, padding=p, dilation=d, bias=bias, rng=rng, dtype=np.float64)
+    if bias:
+        conv.bias.data[...] = rng.standard_normal(3)
+    x = rng.standard_normal((2, 2, H, W))
+    assert_parity(conv, [x], lambda x, weight, bias=None: F.conv2d(x, weight, bias, s, p, d), np.float64, np, rng)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4), st.integers(0, 2), st.integers(1, 9),
+       st.integers(1, 9), st.booleans(), st.integers(0, 2**31 - 1))
+def test_pools_random_geometry(kh, kw, s, p, H, W, ties, seed):
+    p = (min(p, kh // 2), min(p, kw // 2))
+    if H + 2 * p[0] < kh or W + 2 * p[1] < kw:
+        return
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 3, (2, 2, H, W)).astype(np.float64) if ties else rng.standard_normal((2, 2, H, W))
+    assert_parity(nn.MaxPool2d((kh, kw), s, p), [x], lambda x: F.max_pool2d(x, (kh, kw), s, p), np.float64, np, rng)
+    assert_parity(nn.AvgPool2d((kh, kw), s, p), [x], lambda x: F.avg_pool2d(x, (kh, kw), s, p), np.float64, np, rng)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 9), st.one_of(st.tuples(st.integers(1, 13), st.integers(1, 13)),
+                                                       st.tuples(st.floats(0.2, 3.5), st.floats(0.2, 3.5))),
+       st.booleans(), st.integers(0, 2**31 - 1))
+def test_upsample_random_sizes(H, W, target, align, seed):
+    size = target if isinstance(target[0], int) else None
+    scale = None if size is not None else target
+    if scale is not None and (int(H * scale[0]) < 1 or int(W * scale[1]) < 1):
+        return
+    rng = np.random.default_rng(seed)
+    up = nn.Upsample(size=size, scale_factor=scale, align_corners=align)
+
+    def ref(x):
+        return F.interpolate(x, size=size, scale_factor=scale, mode="bilinear", align_corners=align)
+
+    assert_parity(up, [rng.standard_normal((1, 2, H, W))], ref, np.float64, np, rng)
