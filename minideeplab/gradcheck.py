@@ -10,7 +10,7 @@ while entries a thousand times smaller than the tensor's largest gradient (exact
 are judged against that floor instead of against their own rounding noise. The floor is never below
 ``noise / rtol`` with ``noise = machine_eps * sum|f(x) * dout| / eps``, the roundoff of the difference
 quotient: a tensor whose true gradient is exactly zero (a conv bias followed by batch norm) is then
-judged against what central differences can resolve, not against its own rounding noise.
+judged against what central differences can resolve.
 """
 from __future__ import annotations
 
