@@ -70,6 +70,10 @@ class RFTable(list):
             raise KeyError(f"RFTable.at: no module named {module_name!r} on the spatial path")
         return self[self.graph.marks[module_name]]
 
+    def subset(self, module_names) -> "RFTable":
+        """The rows holding the outputs of the named modules (e.g. the stages of a backbone), in that order."""
+        return RFTable([self.at(n) for n in module_names], self.graph)
+
     def format(self, kinds=None, max_name: int = 58) -> str:
         """The table as text; ``kinds`` (e.g. {"conv", "join"}) keeps only those rows."""
         head = ["layer", "kind", "k", "s", "p", "d", "k_eff", "size", "jump", "RF", "start", "note"]

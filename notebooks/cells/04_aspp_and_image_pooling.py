@@ -1,0 +1,120 @@
+# %% [markdown]
+# # 4. ASPP and image pooling
+#
+# DeepLabV3's head, Atrous Spatial Pyramid Pooling, looks at the backbone's features through five parallel
+# branches: a 1×1 convolution, three 3×3 atrous convolutions with rates (6, 12, 18) at output stride 16 (doubled at
+# 8), and **image pooling**: global average pooling, a 1×1 convolution, and an upsampling back to the map. Each
+# branch has batch norm (the DeepLabV3 addition the design note stresses); the five outputs are concatenated and
+# projected by a 1×1 convolution. This notebook measures what each branch sees, and why the large rates need the
+# image-pooling branch.
+
+# %%
+%matplotlib inline
+import os
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from minideeplab import nn
+from minideeplab.analysis import receptive_field, receptive_field_region, valid_weight_histogram
+from minideeplab.analysis.figures import valid_weights_figure
+from minideeplab.gradcheck import check_module
+from minideeplab.models import ASPP, DeepLabConfig, build_deeplab, deeplabv3_densenet121
+
+SHORT = os.environ.get("MINIDEEPLAB_SHORT") == "1"
+rng = np.random.default_rng(0)
+
+# %% [markdown]
+# ## The five branches
+#
+# The real model, DeepLabV3 on DenseNet121 at output stride 16 (the structure is read from the modules):
+
+# %%
+model16 = deeplabv3_densenet121(output_stride=16, rng=rng)
+aspp = model16.head.aspp
+print("rates:", aspp.rates, " in_channels:", aspp.in_channels, " branch width:", aspp.out_channels)
+for i, branch in enumerate(aspp.branches):
+    print(f"branches.{i}: {branch.conv}")
+print("pooling:", aspp.pooling)
+print("project:", aspp.project.conv)
+
+# %% [markdown]
+# ## What each branch sees, at output stride 16 and 8
+#
+# The analytic receptive field (in input pixels) of each branch's output for a 512×512 image, and the size of the
+# feature map the branch runs on. At OS 8 the rates double, (12, 24, 36), so the fields in *input pixels* match
+# those of OS 16 on a map twice as large. The image-pooling branch always sees the whole map.
+
+# %%
+size = 512
+model8 = deeplabv3_densenet121(output_stride=8, rng=rng)
+tables = {os_: receptive_field(m, size) for os_, m in ((16, model16), (8, model8))}
+names = [f"head.aspp.branches.{i}" for i in range(4)] + ["head.aspp.pooling"]
+labels = ["1x1"] + [f"3x3 rate {r}" for r in model16.head.aspp.rates] + ["image pooling"]
+print(f"{'branch (rates at OS 16)':<24} {'RF @ OS16':>10} {'RF @ OS8':>10}")
+for name, label in zip(names, labels):
+    print(f"{label:<24} {tables[16].at(name).rf[0]:>10} {tables[8].at(name).rf[0]:>10}")
+for os_, t in tables.items():
+    print(f"OS {os_}: feature map {t.at('backbone').size}, rates {(model16 if os_ == 16 else model8).rates}")
+
+# %% [markdown]
+# ## Valid weights: why very large rates fail (DeepLabV3, Figure 4)
+#
+# A 3×3 filter with rate $d$ and padding $d$ reads 9 positions; near the border some land on zero padding. A weight
+# is *valid* when its tap lands inside the map. `valid_weight_histogram` counts, over all output positions, how many
+# taps are valid. On a 65×65 map, as the rate approaches the map size, the filter degenerates into its centre tap:
+# a 1×1 convolution.
+
+# %%
+fig = valid_weights_figure(65)
+fig
+
+# %%
+print("fraction of positions with 9 / 4 / 1 valid weights on the maps the real model uses (input 512):")
+for os_, rates in ((16, model16.rates), (8, model8.rates)):
+    S = size // os_
+    for r in rates:
+        h = valid_weight_histogram(S, r)
+        print(f"  OS {os_:>2}, {S}x{S} map, rate {r:>2}: 9 -> {h[9]:.3f}   4 -> {h[4]:.3f}   1 -> {h[1]:.3f}")
+
+# %% [markdown]
+# ## Image pooling adds global context
+#
+# The pooling branch averages the whole map, so every position gets the same vector: a summary of the entire image
+# (ParseNet's idea). Its output has no spatial variation at all:
+
+# %%
+small = build_deeplab(DeepLabConfig.small(), rng=rng).eval()
+feats = small.backbone(rng.standard_normal((1, 3, 64, 64)).astype(np.float32))
+pooled = small.head.aspp.pooling(feats)
+print("pooling branch output shape:", pooled.shape, " spatial std per channel (max):", float(pooled.std(axis=(2, 3)).max()))
+
+# %% [markdown]
+# With it, every output pixel of the model depends on every input pixel; without it, a pixel near one corner only
+# sees its neighbourhood. The exact regions (`receptive_field_region`, which follows every path and the image
+# borders) for the corner logit of the small model on a 256×256 image: the widest atrous branch alone
+# (backbone → rate-18 branch) versus the whole model.
+
+# %%
+size = 256
+branch_path = nn.Sequential(small.backbone, small.head.aspp.branches[3])
+regions = {"backbone + rate-18 branch": receptive_field_region(branch_path, size, position=(0, 0)),
+           "whole model (with image pooling)": receptive_field_region(small, size, position=(0, 0))}
+fig, axes = plt.subplots(1, 2, figsize=(7, 3.5))
+for ax, (label, region) in zip(axes, regions.items()):
+    ax.imshow(region.mask, cmap="Greens", vmin=0, vmax=1)
+    ax.set_title(f"{label}\nbox {region.bbox}", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+plt.show()
+
+# %% [markdown]
+# ## Gradient check of an ASPP module
+#
+# A small ASPP (8 input channels, branch width 4, rates (1, 2, 3), no dropout) in training mode with a batch of two
+# (the pooling branch's batch norm needs more than one value per channel), against central differences.
+
+# %%
+aspp_small = ASPP(8, 4, rates=(1, 2, 3), dropout=0.0, rng=rng, dtype=np.float64)
+result = check_module(aspp_small, rng.standard_normal((2, 8, 5, 5)), rng=rng)
+print(f"{len(result.rows)} tensors checked, worst relative error {result.worst:.1e}, passed: {result.passed}")

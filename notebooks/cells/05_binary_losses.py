@@ -1,0 +1,137 @@
+# %% [markdown]
+# # 5. Losses for binary segmentation
+#
+# The model outputs one logit $x$ per pixel; the mask probability is $\sigma(x)$ and the label is $t\in\{0,1\}$.
+# The design note surveys the losses for this binary problem: binary cross-entropy, hinge and squared hinge; we add
+# the two that segmentation practice uses against class imbalance, focal loss and Dice. All five live in
+# `minideeplab.losses` with hand-written backward passes (derivations in `docs/derivations.md`).
+
+# %%
+%matplotlib inline
+import os
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from minideeplab.gradcheck import check_module
+from minideeplab.losses import BCEWithLogitsLoss, DiceLoss, build_loss
+
+SHORT = os.environ.get("MINIDEEPLAB_SHORT") == "1"
+rng = np.random.default_rng(0)
+
+# %% [markdown]
+# ## Value and gradient against the logit
+#
+# Per-pixel losses with `reduction="none"`, for a foreground pixel ($t = 1$); a background pixel is the mirror image
+# $x \to -x$. The gradient is what backward returns for an upstream gradient of ones.
+
+# %%
+x = np.linspace(-5, 5, 201).reshape(1, 1, 1, -1)
+t = np.ones_like(x)
+names = ["bce", "focal", "hinge", "squared_hinge"]
+fig, (ax_v, ax_g) = plt.subplots(1, 2, figsize=(11, 3.8))
+for name in names:
+    loss = build_loss(name, reduction="none")
+    value = loss(x, t)
+    grad = loss.backward(np.ones_like(x))
+    ax_v.plot(x.ravel(), value.ravel(), label=name)
+    ax_g.plot(x.ravel(), grad.ravel(), label=name)
+ax_v.set(xlabel="logit x (target 1)", ylabel="loss", ylim=(-0.2, 6), title="per-pixel loss")
+ax_g.set(xlabel="logit x (target 1)", ylabel="dloss/dx", ylim=(-4, 0.5), title="gradient")
+for ax in (ax_v, ax_g):
+    ax.grid(alpha=0.3)
+    ax.legend()
+plt.show()
+
+# %% [markdown]
+# * **BCE** $= \text{softplus}(-x)$ for $t=1$: gradient $\sigma(x) - 1$, never exactly zero, bounded by 1.
+# * **Hinge** $\max(0, 1-yx)$ with $y = 2t-1$: constant gradient $-1$ until the margin $yx \ge 1$ is met, then 0.
+# * **Squared hinge**: smooth at the margin, but its gradient grows linearly with the violation (outliers dominate).
+# * **Focal** (γ = 2, α = 0.25): BCE scaled by $(1-p_t)^\gamma$; well-classified pixels contribute almost nothing.
+#
+# ## Dice: a loss of the whole mask
+#
+# Dice is not a sum over pixels: $L = 1 - \frac{2\sum p t + s}{\sum p + \sum t + s}$. Below a mask with 10 %
+# foreground and predictions of growing confidence $x = a\,(2t - 1)$, from confidently wrong ($a<0$) to confidently
+# right.
+
+# %%
+mask = np.zeros((1, 1, 32, 32))
+mask[..., 8:18, 5:15] = 1                      # 100 of 1024 pixels
+bce, dice = BCEWithLogitsLoss(), DiceLoss()
+a_values = np.linspace(-6, 6, 49)
+curves = {"bce": [float(bce(a * (2 * mask - 1), mask)) for a in a_values],
+          "dice": [float(dice(a * (2 * mask - 1), mask)) for a in a_values]}
+plt.figure(figsize=(5.5, 3.5))
+for name, ys in curves.items():
+    plt.plot(a_values, ys, label=name)
+plt.xlabel("confidence a (logits = a * (2t - 1))")
+plt.ylabel("loss")
+plt.grid(alpha=0.3)
+plt.legend()
+plt.show()
+print(f"foreground fraction: {mask.mean():.3f}")
+
+# %% [markdown]
+# ## Imbalanced masks
+#
+# Segmentation masks are often mostly background. Take a mask with 1 % foreground and a lazy model that predicts
+# "background" everywhere (logit −4), next to a confident correct one (logit ±10). BCE, the mean over pixels, hardly sees the
+# difference; Dice measures overlap with the foreground and calls the lazy model a failure. The last column is the
+# share of the gradient's magnitude that lands on the foreground pixels for the lazy prediction: how loudly each loss
+# asks for the missing object. BCE with `pos_weight` = (background pixels / foreground pixels) rebalances it.
+# (Soft Dice uses probabilities, not thresholded masks: a small probability on each of thousands of background
+# pixels adds up, which is why the correct prediction must be confident for its Dice loss to approach 0.)
+
+# %%
+mask = np.zeros((2, 1, 40, 40))
+mask[0, 0, 10:14, 10:14] = 1
+mask[1, 0, 25:29, 5:9] = 1
+fg = mask.mean()
+lazy = np.full(mask.shape, -4.0)
+perfect = 10.0 * (2 * mask - 1)
+candidates = {
+    "bce": build_loss("bce"), "bce, pos_weight": BCEWithLogitsLoss(pos_weight=(1 - fg) / fg),
+    "focal": build_loss("focal"), "hinge": build_loss("hinge"), "squared_hinge": build_loss("squared_hinge"),
+    "dice": build_loss("dice"), "bce+dice": build_loss("bce+dice"),
+}
+print(f"foreground fraction {fg:.4f}\n")
+print(f"{'loss':<16} {'lazy':>8} {'perfect':>8} {'fg share of |grad| (lazy)':>26}")
+for name, loss in candidates.items():
+    perfect_value = float(loss(perfect, mask))
+    lazy_value = float(loss(lazy, mask))
+    g = np.abs(loss.backward())
+    print(f"{name:<16} {lazy_value:>8.4f} {perfect_value:>8.4f} {g[mask == 1].sum() / g.sum():>26.3f}")
+
+# %% [markdown]
+# ## Stable vs naive BCE at large logits
+#
+# Written naively, $-[t\log\sigma(x) + (1-t)\log(1-\sigma(x))]$ breaks down once $\sigma(x)$ rounds to 0 or 1: in
+# float32 that happens at $|x|\approx 17$, and the loss becomes `inf` (or `nan` in the gradient). The package computes
+# $\max(x,0) - xt + \log(1+e^{-|x|})$, which is exact algebra and finite everywhere. The naive formula is written out
+# in this cell only to show the failure.
+
+# %%
+x = np.array([-100.0, -30.0, -17.0, 0.0, 17.0, 30.0, 100.0], dtype=np.float32).reshape(1, 1, 1, -1)
+t = np.zeros_like(x)
+with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+    s = 1 / (1 + np.exp(-x))
+    naive = -(t * np.log(s) + (1 - t) * np.log(1 - s))
+stable = BCEWithLogitsLoss(reduction="none")(x, t)
+print(f"{'logit':>7} {'naive':>10} {'stable':>10}   (target 0, float32)")
+for xi, ni, si in zip(x.ravel(), naive.ravel(), stable.ravel()):
+    print(f"{xi:>7.0f} {ni:>10.4g} {si:>10.4g}")
+
+# %% [markdown]
+# ## Gradient checks
+#
+# Each loss's backward against central differences (float64, with respect to the logits; the target is a fixed
+# {0, 1} mask). Logits are drawn away from the hinge's kink at $yx = 1$, where the loss has no derivative.
+
+# %%
+logits = rng.standard_normal((2, 1, 6, 6)) * 2
+logits[np.abs(np.abs(logits) - 1) < 0.05] += 0.2
+target = (rng.random((2, 1, 6, 6)) < 0.3).astype(np.float64)
+for name in ["bce", "focal", "hinge", "squared_hinge", "dice", "bce+dice"]:
+    result = check_module(build_loss(name), (logits, target), wrt_inputs=(0,), rng=rng)
+    print(f"{name:<14} worst relative error {result.worst:.1e}  passed: {result.passed}")
