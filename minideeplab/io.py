@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import zipfile
 
@@ -83,3 +84,148 @@ def read_npz(path) -> tuple[dict, dict]:
     if not isinstance(meta, dict):
         raise ValueError(f"read_npz: the meta record of {path!r} is not a JSON object")  # noqa: TRY004 (bad file)
     return arrays, meta
+
+
+# -- models ----------------------------------------------------------------------------------------------------
+def export_state_dict(model) -> dict:
+    """Copies of every parameter and buffer as NumPy arrays, under the model's state-dict keys.
+
+    The keys and shapes are those of ``minideeplab.torch_oracle.TorchDeepLabV3`` (and, under ``backbone.``, of
+    torchvision's DenseNet ``features``), so ``torch_module.load_state_dict({k: torch.from_numpy(v) ...})``
+    works: the way out for users who outgrow NumPy.
+    """
+    return {k: np.array(to_numpy(v)) for k, v in model.state_dict().items()}
+
+
+def _short(items, limit=8) -> str:
+    items = list(items)
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _state_mismatches(own: dict, arrays: dict) -> list[str]:
+    missing = [k for k in own if k not in arrays]
+    unexpected = [k for k in arrays if k not in own]
+    shapes = [f"{k}: model {tuple(own[k].shape)} vs file {tuple(arrays[k].shape)}"
+              for k in own if k in arrays and tuple(own[k].shape) != tuple(arrays[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} keys missing from the file ({_short(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys in the file ({_short(unexpected)})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches ({_short(shapes)})")
+    return problems
+
+
+def save(model, path, meta: dict | None = None) -> None:
+    """Save ``model``'s parameters and buffers to ``path`` (.npz, atomic), with its config in the meta record.
+
+    Args:
+        model: a model built by ``build_deeplab`` (its ``config`` is stored so ``load_model`` can rebuild it).
+        path: destination file.
+        meta: extra JSON-able metadata (epoch, metrics, ...), stored alongside.
+    """
+    config = getattr(model, "config", None)
+    arrays = export_state_dict(model)
+    first = next(iter(arrays.values()))
+    record = {"kind": type(model).__name__, "dtype": str(first.dtype),
+              "config": config.to_dict() if hasattr(config, "to_dict") else None}
+    record.update(meta or {})
+    write_npz(path, arrays, record)
+
+
+def load(model, path, check_config: bool = True) -> dict:
+    """Load a checkpoint written by ``save`` into ``model`` (in place, onto its device and dtype).
+
+    Raises ``ValueError`` naming the file and the mismatching keys/shapes when the checkpoint comes from another
+    architecture, and the differing config fields when it comes from another configuration (e.g. another output
+    stride, whose parameters have the same shapes). Pass ``check_config=False`` to load such weights on purpose
+    (e.g. train at output stride 16, evaluate at 8).
+
+    Returns:
+        the checkpoint's meta dict.
+    """
+    arrays, meta = read_npz(path)
+    problems = _state_mismatches(model.state_dict(), arrays)
+    config, saved = getattr(model, "config", None), meta.get("config")
+    if check_config and hasattr(config, "to_dict") and isinstance(saved, dict):
+        ours = config.to_dict()
+        diff = [f"{k}: model {ours.get(k)!r} vs file {saved.get(k)!r}" for k in sorted(set(ours) | set(saved))
+                if ours.get(k) != saved.get(k)]
+        if diff:
+            problems.append(f"config differs ({'; '.join(diff)}); pass check_config=False to load anyway"
+                            if not problems else f"config differs ({'; '.join(diff)})")
+    if problems:
+        raise ValueError(f"load: checkpoint {os.fspath(path)!r} does not match the model: " + "; ".join(problems))
+    model.load_state_dict(arrays, strict=True)
+    return meta
+
+
+def load_model(path, dtype=None):
+    """Rebuild the network described by a checkpoint's config and load its weights.
+
+    Args:
+        path: a file written by ``save``.
+        dtype: parameter dtype (default: the dtype the checkpoint was saved in).
+    """
+    from .models import DeepLabConfig, build_deeplab
+
+    arrays, meta = read_npz(path)
+    if not meta.get("config"):
+        raise ValueError(f"load_model: checkpoint {os.fspath(path)!r} has no model config in its meta record "
+                         "(build the model yourself and use load(model, path))")
+    config = DeepLabConfig.from_dict(meta["config"])
+    dtype = np.dtype(dtype or meta.get("dtype", "float32"))
+    model = build_deeplab(config, rng=np.random.default_rng(0), dtype=dtype)
+    problems = _state_mismatches(model.state_dict(), arrays)
+    if problems:
+        raise ValueError(f"load_model: checkpoint {os.fspath(path)!r} does not match its own config: "
+                         + "; ".join(problems))
+    model.load_state_dict(arrays, strict=True)
+    return model
+
+
+# torchvision's old checkpoints name the dense-layer modules 'norm.1', 'relu.1', 'conv.1', 'norm.2', ... (dots
+# are no longer allowed in module names); the ImageNet densenet121 .pth still has them.
+_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def import_torchvision_densenet121(path_or_state_dict, model):
+    """Load torchvision's DenseNet-121 weights (e.g. the ImageNet ``densenet121-a639ec97.pth``) into a backbone.
+
+    Args:
+        path_or_state_dict: a ``.pth`` path (read with ``torch.load(..., weights_only=True)``; needs torch) or a
+            state dict of torch tensors / NumPy arrays. Legacy keys ``denselayerN.norm.1.weight`` are renamed to
+            ``denselayerN.norm1.weight`` (same for relu/conv and ``.2``); ``classifier.*`` is ignored; a missing
+            ``num_batches_tracked`` (old checkpoints) keeps the model's value.
+        model: a ``DeepLabV3`` (its ``backbone`` is loaded) or a ``DenseNet``, built with the densenet121 shape.
+
+    Returns:
+        ``model`` (loaded in place; the head keeps its initialisation).
+    """
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        try:
+            import torch
+        except ImportError:
+            raise ImportError("import_torchvision_densenet121: reading a .pth file needs PyTorch "
+                              "(pip install torch), or pass a state dict of NumPy arrays") from None
+        state = torch.load(os.fspath(path_or_state_dict), map_location="cpu", weights_only=True)
+    else:
+        state = path_or_state_dict
+    arrays = {}
+    for key, value in state.items():
+        if key.startswith("classifier."):
+            continue
+        m = _LEGACY_KEY.match(key)
+        key = m.group(1) + m.group(2) if m else key
+        arrays[key] = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+    backbone = getattr(model, "backbone", model)
+    own = backbone.state_dict()
+    optional = {k for k in own if k.endswith("num_batches_tracked") and k not in arrays}
+    problems = _state_mismatches({k: v for k, v in own.items() if k not in optional}, arrays)
+    if problems:
+        raise ValueError("import_torchvision_densenet121: the state dict does not fit the DenseNet-121 backbone: "
+                         + "; ".join(problems))
+    backbone.load_state_dict(arrays, strict=False)
+    return model
