@@ -34,6 +34,35 @@ def conv(shape, *args, **kw):
     return make
 
 
+CONV_CONFIGS = [  # id, input shape, (C, F, kernel), keyword arguments
+    ("3x3_s1_p1", (2, 3, 6, 5), (3, 4, 3), {"padding": 1}),
+    ("3x3_s2_p0_nonsquare", (2, 3, 9, 7), (3, 4, 3), {"stride": 2}),
+    ("3x3_s2_p1", (2, 2, 8, 7), (2, 3, 3), {"stride": 2, "padding": 1}),
+    ("3x3_p3", (1, 2, 5, 6), (2, 3, 3), {"padding": 3}),
+    ("3x3_d2_p2", (2, 2, 7, 8), (2, 3, 3), {"padding": 2, "dilation": 2}),
+    ("3x3_d6_p6", (1, 2, 13, 11), (2, 3, 3), {"padding": 6, "dilation": 6}),
+    ("3x3_d12_p12", (1, 2, 14, 15), (2, 2, 3), {"padding": 12, "dilation": 12}),
+    ("3x3_d12_p0", (1, 1, 26, 27), (1, 2, 3), {"dilation": 12}),
+    ("3x3_d18_p18_small_map", (1, 2, 8, 7), (2, 2, 3), {"padding": 18, "dilation": 18}),  # only the centre tap
+    ("k3x5_s2x1_p1x2_d1x2", (2, 2, 9, 10), (2, 3, (3, 5)), {"stride": (2, 1), "padding": (1, 2), "dilation": (1, 2)}),
+    ("k2x4_nonsquare", (1, 2, 6, 9), (2, 3, (2, 4)), {}),
+    ("7x7_s2_p3_stem", (1, 3, 11, 10), (3, 4, 7), {"stride": 2, "padding": 3}),
+    ("1x1_s1", (2, 5, 4, 3), (5, 3, 1), {}),
+    ("1x1_s2_odd", (2, 4, 7, 5), (4, 3, 1), {"stride": 2}),
+    ("1x1_p1", (1, 3, 4, 3), (3, 2, 1), {"padding": 1}),
+    ("3x3_nobias", (2, 3, 6, 5), (3, 4, 3), {"padding": 1, "bias": False}),
+    ("1x1_nobias", (2, 4, 3, 3), (4, 2, 1), {"bias": False}),
+]
+
+
+def conv_algorithms(kernel_size, stride=1, padding=0, **_):
+    """The forced Conv2d paths that apply to a configuration (none when the layer has a single path)."""
+    one = (1, 1)
+    k, s, p = (v if isinstance(v, tuple) else (v, v) for v in (kernel_size, stride, padding))
+    applies = {"pointwise": k == one and p == (0, 0), "kn2row": s == one, "taps": s == one, "im2col": True}
+    return [a for a in getattr(nn.Conv2d, "ALGORITHMS", ()) if applies.get(a, False)]
+
+
 def bn_train(shape, **kw):
     def make(rng):
         m = nn.BatchNorm2d(shape[1], dtype=F64, **kw)
@@ -79,24 +108,10 @@ def conv_bn_relu_pool(rng):
 
 
 CASES = [
-    # Conv2d
-    ("Conv2d", "3x3_s1_p1", conv((2, 3, 6, 5), 3, 4, 3, padding=1)),
-    ("Conv2d", "3x3_s2_p0_nonsquare", conv((2, 3, 9, 7), 3, 4, 3, stride=2)),
-    ("Conv2d", "3x3_s2_p1", conv((2, 2, 8, 7), 2, 3, 3, stride=2, padding=1)),
-    ("Conv2d", "3x3_p3", conv((1, 2, 5, 6), 2, 3, 3, padding=3)),
-    ("Conv2d", "3x3_d2_p2", conv((2, 2, 7, 8), 2, 3, 3, padding=2, dilation=2)),
-    ("Conv2d", "3x3_d6_p6", conv((1, 2, 13, 11), 2, 3, 3, padding=6, dilation=6)),
-    ("Conv2d", "3x3_d12_p12", conv((1, 2, 14, 15), 2, 2, 3, padding=12, dilation=12)),
-    ("Conv2d", "3x3_d12_p0", conv((1, 1, 26, 27), 1, 2, 3, dilation=12)),
-    ("Conv2d", "k3x5_s2x1_p1x2_d1x2", conv((2, 2, 9, 10), 2, 3, (3, 5), stride=(2, 1), padding=(1, 2),
-                                               dilation=(1, 2))),
-    ("Conv2d", "k2x4_nonsquare", conv((1, 2, 6, 9), 2, 3, (2, 4))),
-    ("Conv2d", "7x7_s2_p3_stem", conv((1, 3, 11, 10), 3, 4, 7, stride=2, padding=3)),
-    ("Conv2d", "1x1_s1", conv((2, 5, 4, 3), 5, 3, 1)),
-    ("Conv2d", "1x1_s2_odd", conv((2, 4, 7, 5), 4, 3, 1, stride=2)),
-    ("Conv2d", "1x1_p1", conv((1, 3, 4, 3), 3, 2, 1, padding=1)),
-    ("Conv2d", "3x3_nobias", conv((2, 3, 6, 5), 3, 4, 3, padding=1, bias=False)),
-    ("Conv2d", "1x1_nobias", conv((2, 4, 3, 3), 4, 2, 1, bias=False)),
+    # Conv2d: every configuration with the layer's own choice of algorithm, then forced through each path
+    *[("Conv2d", case_id, conv(shape, *args, **kw)) for case_id, shape, args, kw in CONV_CONFIGS],
+    *[("Conv2d", f"{case_id}_{algo}", conv(shape, *args, algorithm=algo, **kw))
+      for case_id, shape, args, kw in CONV_CONFIGS for algo in conv_algorithms(args[2], **kw)],
     # BatchNorm2d
     ("BatchNorm2d", "train", bn_train((3, 4, 5, 6))),
     ("BatchNorm2d", "train_N1", bn_train((1, 3, 4, 5))),

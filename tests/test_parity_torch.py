@@ -77,11 +77,23 @@ CONV_CASES = [  # (C, F, k, stride, padding, dilation, bias, input HxW)
 ]
 
 
+def conv_algorithms(k, s, p):
+    """"auto" plus each forced Conv2d path that applies to (kernel, stride, padding), where the layer has them."""
+    k, s, p = (v if isinstance(v, tuple) else (v, v) for v in (k, s, p))
+    applies = {"pointwise": k == (1, 1) and p == (0, 0), "kn2row": s == (1, 1), "taps": s == (1, 1), "im2col": True}
+    return ["auto"] + [a for a in getattr(nn.Conv2d, "ALGORITHMS", ()) if applies.get(a, False)]
+
+
+CONV_PARAMS = [(case, algo) for case in CONV_CASES for algo in conv_algorithms(*case[2:5])]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", CONV_CASES, ids=[f"conv{i}" for i in range(len(CONV_CASES))])
-def test_conv2d(case, dtype, xp, device, rng):
+@pytest.mark.parametrize("case,algo", CONV_PARAMS,
+                         ids=[f"conv{CONV_CASES.index(c)}-{a}" for c, a in CONV_PARAMS])
+def test_conv2d(case, algo, dtype, xp, device, rng):
     C, Fo, k, s, p, d, bias, hw = case
-    conv = nn.Conv2d(C, Fo, k, stride=s, padding=p, dilation=d, bias=bias, rng=rng, dtype=dtype)
+    kw = {} if algo == "auto" else {"algorithm": algo}
+    conv = nn.Conv2d(C, Fo, k, stride=s, padding=p, dilation=d, bias=bias, rng=rng, dtype=dtype, **kw)
     if bias:
         conv.bias.data[...] = rng.standard_normal(Fo)
     conv.to(device)
@@ -199,6 +211,8 @@ RESIZE = [  # (input HxW, size, scale_factor, align_corners)
     ((5, 11), None, (1.7, 0.45), False),
     ((4, 4), None, 3, False),
     ((7, 9), None, 1 / 3, False),
+    ((5, 6), None, (1.1, 2.0), False),   # floor(5 * 1.1) = 5: PyTorch copies that axis, ignoring the scale
+    ((2, 2), None, (1.25, 1.6), False),
     ((4, 3), (7, 5), None, True),
     ((8, 11), (3, 5), None, True),
     ((3, 5), None, 2, True),
@@ -249,12 +263,15 @@ def test_sequential_conv_bn_relu_pool(dtype, xp, device, rng):
 
 @settings(max_examples=20, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(0, 3), st.integers(1, 4),
-       st.integers(1, 10), st.integers(1, 10), st.booleans(), st.integers(0, 2**31 - 1))
-def test_conv2d_random_geometry(kh, kw, s, p, d, H, W, bias, seed):
+       st.integers(1, 10), st.integers(1, 10), st.booleans(), st.integers(0, 2**31 - 1), st.integers(0, 4))
+def test_conv2d_random_geometry(kh, kw, s, p, d, H, W, bias, seed, pick):
     if (H + 2 * p - d * (kh - 1) - 1) < 0 or (W + 2 * p - d * (kw - 1) - 1) < 0:
         return
     rng = np.random.default_rng(seed)
-    conv = nn.Conv2d(2, 3, (kh, kw), stride=s, padding=p, dilation=d, bias=bias, rng=rng, dtype=np.float64)
+    algos = conv_algorithms((kh, kw), s, p)
+    algo = algos[pick % len(algos)]
+    conv = nn.Conv2d(2, 3, (kh, kw), stride=s, padding=p, dilation=d, bias=bias, rng=rng, dtype=np.float64,
+                     **({} if algo == "auto" else {"algorithm": algo}))
     if bias:
         conv.bias.data[...] = rng.standard_normal(3)
     x = rng.standard_normal((2, 2, H, W))

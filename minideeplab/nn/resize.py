@@ -17,7 +17,11 @@ def bilinear_matrix(in_size: int, out_size: int, align_corners: bool = False, sc
     align_corners=False (PyTorch's default): source coordinate ``(i + 0.5) * ratio - 0.5`` clamped at 0,
     where ratio = 1/scale when a scale factor was given, else in_size/out_size. align_corners=True:
     ``i * (in_size - 1) / (out_size - 1)``. Each row holds at most two non-zero weights summing to 1.
+    An axis whose size does not change is copied, whatever the scale factor (as PyTorch's CPU kernel does:
+    ``scale_factor=1.1`` on 5 rows gives 5 rows, unchanged).
     """
+    if out_size == in_size:
+        return xp.eye(in_size, dtype=dtype)
     dst = np.arange(out_size, dtype=np.float64)
     if align_corners:
         src = dst * ((in_size - 1) / (out_size - 1)) if out_size > 1 else np.zeros(out_size)
