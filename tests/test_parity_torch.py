@@ -99,6 +99,7 @@ def test_conv2d(case, algo, dtype, xp, device, rng):
     conv.to(device)
     x = rng.standard_normal((2, C, *hw))
     assert_parity(conv, [x], lambda x, weight, bias=None: F.conv2d(x, weight, bias, s, p, d), dtype, xp, rng)
+    assert algo == "auto" or getattr(conv, "path", algo) == algo   # the forced path really ran
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
