@@ -1,5 +1,8 @@
 """The shared math of convolution and pooling: output sizes, im2col, col2im, input checks.
 
+``valid_taps`` serves the stride-1 "taps" path of ``Conv2d`` (see ``conv.py``): for each kernel tap, the
+rectangle of output pixels whose input is real data rather than padding.
+
 Layout (decided by speed): ``im2col`` returns ``cols`` of shape ``(N, C*kh*kw, Ho*Wo)``: channels×taps as
 rows, output pixels as columns, one matrix per image. The convolution is then ``W (F, C*kh*kw) @ cols``,
 a batched GEMM whose result is already ``(N, F, Ho*Wo)``, i.e. NCHW with no transpose copy. On this
@@ -103,3 +106,21 @@ def col2im(cols, input_shape, kernel_size, stride=1, padding=0, dilation=1):
     if p == (0, 0):
         return dxpad
     return dxpad[:, :, p[0]:p[0] + H, p[1]:p[1] + W]
+
+
+def valid_taps(kernel_size, padding, dilation, in_hw, out_hw):
+    """For a stride-1 conv: each tap that reads any real input, with the rectangle where it does.
+
+    Yields ``(i, j, (out_rows, out_cols), (in_rows, in_cols))``: output pixels ``out[..., out_rows, out_cols]``
+    read ``x[..., in_rows, in_cols]`` through tap (i, j); everywhere else that tap reads zero padding. A tap
+    whose window lies wholly in the padding (ASPP rate 18 on a 16x16 map: all but the centre) is skipped.
+    """
+    (kh, kw), (ph, pw), (dh, dw), (H, W), (Ho, Wo) = kernel_size, padding, dilation, in_hw, out_hw
+    for i in range(kh):
+        a = i * dh - ph                      # input row = output row + a
+        y0, y1 = max(0, -a), min(Ho, H - a)
+        for j in range(kw):
+            b = j * dw - pw
+            x0, x1 = max(0, -b), min(Wo, W - b)
+            if y0 < y1 and x0 < x1:
+                yield i, j, (slice(y0, y1), slice(x0, x1)), (slice(y0 + a, y1 + a), slice(x0 + b, x1 + b))

@@ -1,0 +1,375 @@
+"""``minideeplab bench``: DeepLabV3-DenseNet121 speed and peak memory against PyTorch, in one run.
+
+    minideeplab bench                      # CPU, OS 32/16/8, batch 2x3x256x256 float32, ours vs PyTorch
+    minideeplab bench --device cuda        # CuPy vs PyTorch CUDA (TF32 off on both sides)
+    minideeplab bench --quick              # tiny config at 64x64: a smoke run in seconds
+
+For every output stride, four phases (ours / PyTorch x eval forward / training step), each in a *fresh
+subprocess* so that peak memory does not mix between phases and the two thread pools never interleave. The
+training step is forward, BCE-with-logits loss, backward, SGD step (momentum 0.9). PyTorch's model is
+``torch_oracle.to_torch(model)``: the same architecture with the same weights. Times are the median of
+``--repeats`` runs after ``--warmup`` runs, with BLAS/OpenMP threads fixed to ``--threads`` (default: the
+cores this process may use); on CUDA every timed run ends with a device synchronisation. Peak RSS is the
+phase process's high-water mark, reset (Linux ``/proc/self/clear_refs``) after the model and data are built.
+A fifth phase profiles our training step by layer type (``profiler.TypeProfiler``) and measures the conv
+GEMM efficiency against ``matmul`` on the same shapes. Results: a JSON file and a Markdown table in
+``--out`` (default ``benchmarks/results``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+
+import numpy as np
+
+RESULT_TAG = "MINIDEEPLAB-BENCH-RESULT "
+
+
+# ---- small helpers shared with benchmarks/bench_layers.py -----------------------------------------------
+def limit_threads(n: int):
+    """Context manager fixing the BLAS/OpenMP pools to ``n`` threads (a no-op without threadpoolctl)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return nullcontext()
+    return threadpool_limits(limits=n)
+
+
+def sample_times(fn, repeats: int, warmup: int = 2, sync=None) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (``sync()`` ends each call)."""
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        fn()
+        sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def median_time(fn, repeats: int, warmup: int = 2, sync=None) -> float:
+    return statistics.median(sample_times(fn, repeats, warmup, sync))
+
+
+def conv_flops(N, C, F, k, stride, padding, dilation, H, W=None) -> int:
+    """Nominal FLOPs (2 per multiply-add) of a square-kernel conv forward, counting taps that read padding."""
+    W = H if W is None else W
+    Ho = (H + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    Wo = (W + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    return 2 * N * F * C * k * k * Ho * Wo
+
+
+def write_json(path: str, obj) -> None:
+    """Atomic write: a temp file in the same folder, then os.replace."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def machine_info() -> dict:
+    info = {"cpus": len(os.sched_getaffinity(0)), "numpy": np.__version__, "python": sys.version.split()[0]}
+    try:
+        from threadpoolctl import threadpool_info
+        info["blas"] = [f"{p.get('internal_api')} {p.get('version')} {p.get('architecture', '')}".strip()
+                        for p in threadpool_info() if p.get("user_api") == "blas"]
+    except ImportError:
+        pass
+    return info
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark to the current RSS (Linux); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---- one phase, run inside its own subprocess ------------------------------------------------------------
+def run_phase(spec: dict) -> dict:
+    """Build the model and data of ``spec``, time ``spec['mode']`` ("eval", "train" or "profile")."""
+    from .backend import synchronize, to_device
+    from .losses import BCEWithLogitsLoss
+    from .models import DeepLabConfig, build_deeplab
+    from .optim import SGD
+
+    cuda = spec["device"] == "cuda"
+    config = DeepLabConfig(**spec["config"])
+    N, S = spec["batch"], spec["size"]
+    rng = np.random.default_rng(0)
+    model = build_deeplab(config, rng=np.random.default_rng(0))
+    x = rng.standard_normal((N, 3, S, S), dtype=np.float32)
+    target = (rng.random((N, config.num_classes, S, S)) < 0.3).astype(np.float32)
+    if spec["framework"] == "torch":
+        return _run_torch_phase(spec, model, x, target)
+    if cuda:
+        model.to("cuda")
+        x, target = to_device(x, "cuda"), to_device(target, "cuda")
+    sync = synchronize if cuda else None
+    loss_fn, opt = BCEWithLogitsLoss(), SGD(model.parameters(), lr=0.01, momentum=0.9)
+    profiler = None
+
+    def region(name):
+        return profiler.region(name) if profiler is not None else nullcontext()
+
+    def train_step():
+        opt.zero_grad()
+        logits = model(x)
+        with region("loss"):
+            loss_fn(logits, target)
+            dlogits = loss_fn.backward()
+        model.backward(dlogits)
+        with region("optimizer"):
+            opt.step()
+
+    def eval_step():
+        model(x)
+    result = {}
+    if spec["mode"] == "eval":
+        model.eval()
+        step = eval_step
+    else:
+        model.train()
+        step = train_step
+    if spec["mode"] == "profile":
+        from .profiler import TypeProfiler, conv_gemm_shapes, gemm_reference
+        step()                                   # warm-up, unprofiled
+        profiler = TypeProfiler(model, sync=cuda).attach()
+        times = []
+        for _ in range(spec["repeats"]):
+            profiler.reset()
+            times += sample_times(step, 1, warmup=0, sync=sync)
+        profiler.detach()
+        total = times[-1]
+        result["profile"] = profiler.report(total)
+        result["step_s"] = total
+        convs = [c for c, _, _ in profiler.per_conv.values()]
+        ref = gemm_reference(convs, sync=cuda)
+        groups = {}
+        for conv, t_fwd, t_bwd in profiler.per_conv.values():
+            g = groups.setdefault(conv.path, {"layers": 0, "gflop": 0.0, "conv_s": 0.0, "matmul_s": 0.0})
+            Nn, F, K, P = conv_gemm_shapes(conv)
+            g["layers"] += 1
+            g["gflop"] += 3 * 2 * Nn * F * K * P / 1e9
+            g["conv_s"] += t_fwd + t_bwd
+            g["matmul_s"] += ref[(Nn, F, K, P)]
+        result["gemm"] = groups
+        return result
+    with limit_threads(spec["threads"]):
+        step()                                   # first run: allocations, before the peak reset
+        result["rss_before_mib"] = peak_rss_mib()
+        result["rss_reset"] = reset_peak_rss()
+        result["times_s"] = sample_times(step, spec["repeats"], spec["warmup"], sync)
+        result["peak_rss_mib"] = peak_rss_mib()
+    return result
+
+
+def _run_torch_phase(spec, model, x, target) -> dict:
+    import torch
+
+    from .torch_oracle import to_torch
+    torch.set_num_threads(spec["threads"])
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = "cuda" if spec["device"] == "cuda" else "cpu"
+    tmodel = to_torch(model).to(dev)
+    del model
+    tx, tt = torch.from_numpy(x).to(dev), torch.from_numpy(target).to(dev)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    opt = torch.optim.SGD(tmodel.parameters(), lr=0.01, momentum=0.9)
+    sync = torch.cuda.synchronize if dev == "cuda" else None
+
+    def train_step():
+        opt.zero_grad()
+        loss_fn(tmodel(tx), tt).backward()
+        opt.step()
+
+    def eval_step():
+        with torch.no_grad():
+            tmodel(tx)
+    if spec["mode"] == "eval":
+        tmodel.eval()
+        step = eval_step
+    else:
+        tmodel.train()
+        step = train_step
+    result = {"torch": torch.__version__}
+    step()
+    result["rss_before_mib"] = peak_rss_mib()
+    result["rss_reset"] = reset_peak_rss()
+    result["times_s"] = sample_times(step, spec["repeats"], spec["warmup"], sync)
+    result["peak_rss_mib"] = peak_rss_mib()
+    if dev == "cuda":
+        result["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def _child(spec_json: str) -> int:
+    spec = json.loads(spec_json)
+    if spec["device"] == "cuda":
+        os.environ.setdefault("CUPY_TF32", "0")       # CuPy's default, made explicit: no TF32 in its GEMMs
+    with limit_threads(spec["threads"]):
+        result = run_phase(spec)
+    print(RESULT_TAG + json.dumps(result), flush=True)
+    return 0
+
+
+def spawn_phase(spec: dict, timeout: float | None = None) -> dict:
+    """Run one phase in a fresh interpreter; returns its result dict (or {"error": ...})."""
+    env = dict(os.environ)
+    if spec["device"] == "cuda":
+        env["CUPY_TF32"] = "0"
+    proc = subprocess.run([sys.executable, "-m", "minideeplab.bench", "--phase", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": f"phase {spec['framework']} {spec['mode']} failed (exit {proc.returncode}): " + " | ".join(tail)}
+
+
+# ---- the command ------------------------------------------------------------------------------------------
+def _median(result):
+    return statistics.median(result["times_s"]) if "times_s" in result else None
+
+
+def _fmt(v, spec="{:.3f}"):
+    return "-" if v is None else spec.format(v)
+
+
+def markdown(report: dict) -> str:
+    a = report["args"]
+    lines = [f"### DeepLabV3-DenseNet121, batch {a['batch']}x3x{a['size']}x{a['size']} float32, {a['device']}, "
+             f"{a['threads']} threads, median of {a['repeats']}", "",
+             "| OS | phase | ours (s) | PyTorch (s) | ratio | ours peak RSS (MiB) | PyTorch peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['output_stride']} | {r['mode']} | {_fmt(r['ours_s'])} | {_fmt(r['torch_s'])} | "
+                     f"{_fmt(r['ratio'], '{:.2f}')} | {_fmt(r['ours_peak_rss_mib'], '{:.0f}')} | "
+                     f"{_fmt(r['torch_peak_rss_mib'], '{:.0f}')} |")
+    prof = report.get("profile")
+    if prof and "profile" in prof:
+        lines += ["", f"Our training step by layer type (OS {prof['output_stride']}, one profiled step of "
+                      f"{prof['step_s']:.3f} s, exclusive times):", "", "| part | ms | share |", "|---|---|---|"]
+        lines += [f"| {p['category']} | {1e3 * p['seconds']:.1f} | {100 * p['share']:.1f} % |" for p in prof["profile"]]
+        lines += ["", "Conv GEMM efficiency (nominal FLOPs of fwd+bwd; matmul = the 3 im2col GEMMs of the same "
+                      "shapes, no copies):", "",
+                  "| path | layers | GFLOP | conv (s) | GFLOP/s | matmul (s) | matmul GFLOP/s | efficiency |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for path, g in list(prof["gemm"].items()) + [("all", prof["gemm_total"])]:
+            lines.append(f"| {path} | {g['layers']} | {g['gflop']:.2f} | {g['conv_s']:.3f} | "
+                         f"{g['gflop'] / g['conv_s']:.0f} | {g['matmul_s']:.3f} | {g['gflop'] / g['matmul_s']:.0f} | "
+                         f"{100 * g['matmul_s'] / g['conv_s']:.0f} % |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="minideeplab bench", description=__doc__.split("\n")[0].strip("`"))
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--os", type=int, nargs="+", choices=(8, 16, 32), default=None, dest="output_strides",
+                    help="output strides to run (default 32 16 8; --quick: 16)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--size", type=int, default=None, help="image side (default 256; --quick: 64)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per phase (default 5; --quick: 2)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--quick", action="store_true", help="tiny config (DeepLabConfig.small) at 64x64: smoke run")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch phases")
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-layer-type profile")
+    ap.add_argument("--profile-os", type=int, choices=(8, 16, 32), default=16)
+    ap.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for the JSON and .md")
+    ap.add_argument("--phase", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.phase:
+        return _child(args.phase)
+    from importlib.util import find_spec
+
+    from .backend import cuda_available
+    from .models import DeepLabConfig
+    if args.device == "cuda" and not cuda_available():
+        print("minideeplab bench: error: --device cuda needs CuPy and a visible GPU", file=sys.stderr)
+        return 1
+    oss = args.output_strides or ([16] if args.quick else [32, 16, 8])
+    size = args.size or (64 if args.quick else 256)
+    repeats = args.repeats or (2 if args.quick else 5)
+    with_torch = not args.no_torch and find_spec("torch") is not None
+    base = {"device": args.device, "batch": args.batch, "size": size, "repeats": repeats, "warmup": args.warmup,
+            "threads": args.threads}
+    report = {"args": dict(base, quick=args.quick), "machine": machine_info(), "rows": []}
+    print(f"minideeplab bench: {args.device}, batch {args.batch}x3x{size}x{size}, {args.threads} threads, "
+          f"median of {repeats}" + ("" if with_torch else " (torch not installed: ours only)"), flush=True)
+    for os_ in oss:
+        config = (DeepLabConfig.small(output_stride=os_) if args.quick else DeepLabConfig(output_stride=os_))
+        for mode in ("eval", "train"):
+            spec = dict(base, config=config.to_dict(), mode=mode)
+            ours = spawn_phase(dict(spec, framework="ours"))
+            theirs = spawn_phase(dict(spec, framework="torch")) if with_torch else {}
+            for r in (ours, theirs):
+                if "error" in r:
+                    print("  " + r["error"], file=sys.stderr)
+            row = {"output_stride": os_, "mode": mode, "ours_s": _median(ours), "torch_s": _median(theirs),
+                   "ours_peak_rss_mib": ours.get("peak_rss_mib"), "torch_peak_rss_mib": theirs.get("peak_rss_mib"),
+                   "ours": ours, "torch": theirs}
+            row["ratio"] = row["ours_s"] / row["torch_s"] if row["ours_s"] and row["torch_s"] else None
+            report["rows"].append(row)
+            print(f"  OS {os_:2d} {mode:5s}  ours {_fmt(row['ours_s'])} s  torch {_fmt(row['torch_s'])} s  "
+                  f"ratio {_fmt(row['ratio'], '{:.2f}')}  peak RSS ours {_fmt(row['ours_peak_rss_mib'], '{:.0f}')} "
+                  f"/ torch {_fmt(row['torch_peak_rss_mib'], '{:.0f}')} MiB", flush=True)
+    if not args.no_profile:
+        pos = args.profile_os if not args.quick else oss[0]
+        config = DeepLabConfig.small(output_stride=pos) if args.quick else DeepLabConfig(output_stride=pos)
+        prof = spawn_phase(dict(base, config=config.to_dict(), mode="profile", framework="ours",
+                                repeats=min(repeats, 2)))
+        prof["output_stride"] = pos
+        if "gemm" in prof:
+            prof["gemm_total"] = {k: sum(g[k] for g in prof["gemm"].values())
+                                  for k in ("layers", "gflop", "conv_s", "matmul_s")}
+        elif "error" in prof:
+            print("  " + prof["error"], file=sys.stderr)
+        report["profile"] = prof
+    md = markdown(report)
+    print("\n" + md)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"bench_{args.device}" + ("_quick" if args.quick else ""))
+    write_json(stem + ".json", report)
+    write_text(stem + ".md", md)
+    print(f"wrote {stem}.json and {stem}.md")
+    failed = [r for r in report["rows"] if "error" in r["ours"] or "error" in r["torch"]]
+    return 1 if failed or "error" in report.get("profile", {}) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Where a training step spends its time: exclusive time per layer type, and conv GEMM efficiency.
+
+Used by ``minideeplab bench`` (benchmark code, never on a library hot path). ``TypeProfiler(model)`` wraps the
+``forward``/``backward`` of every *leaf* module instance and the ``im2col``/``col2im`` functions the conv layer
+calls, and charges each call's *exclusive* time (its time minus that of timed calls nested inside it) to a
+category such as "conv forward" or "batch norm". Time not spent in any timed call (containers, the dense
+blocks' buffer copies, Python glue) is what ``report(total)`` calls "other". Wrapping costs a few
+microseconds per call, so the profiled step is slightly slower than an unprofiled one.
+
+``gemm_reference(convs)`` times ``xp.matmul`` on the three GEMMs an im2col convolution of the same shape has to
+do (forward ``W @ cols``, weight gradient ``dout @ cols^T``, input gradient ``W^T @ dout``), without any
+im2col/col2im copies: the BLAS speed ceiling for those shapes. GEMM efficiency = that time / our conv time.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+from .backend import get_array_module, synchronize
+from .nn import conv as conv_module
+
+CATEGORIES = {"Conv2d": "conv", "BatchNorm2d": "batch norm", "ReLU": "relu", "MaxPool2d": "pooling",
+              "AvgPool2d": "pooling", "AdaptiveAvgPool2d": "pooling", "Upsample": "resize", "Concat": "concat",
+              "Dropout": "dropout", "Identity": "other", "Sigmoid": "other"}
+
+
+class TypeProfiler:
+    """Exclusive wall time per layer type over the calls made while attached (see the module docstring).
+
+    Args:
+        model: the module tree to instrument (only leaf modules are wrapped).
+        sync: call ``backend.synchronize()`` around each timed call (needed for honest GPU timings).
+    """
+
+    def __init__(self, model, sync: bool = False):
+        self.model, self.sync = model, sync
+        self.totals: dict[str, float] = {}
+        self.per_conv: dict[int, list] = {}   # id(conv) -> [conv, forward seconds, backward seconds]
+        self._stack: list[float] = []       # time of nested timed calls, one entry per open call
+        self._undo: list = []
+
+    @contextmanager
+    def region(self, category: str, conv=None, slot: int = 0):
+        """Time the enclosed code and charge its exclusive time to ``category``."""
+        if self.sync:
+            synchronize()
+        self._stack.append(0.0)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                synchronize()
+            elapsed = time.perf_counter() - start
+            nested = self._stack.pop()
+            self.totals[category] = self.totals.get(category, 0.0) + elapsed - nested
+            if self._stack:
+                self._stack[-1] += elapsed
+            if conv is not None:
+                self.per_conv.setdefault(id(conv), [conv, 0.0, 0.0])[slot] += elapsed   # inclusive
+
+    def _wrap(self, owner, name, category, conv=None, slot=0):
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            with self.region(category, conv, slot):
+                return original(*args, **kwargs)
+        object.__setattr__(owner, name, timed)
+        self._undo.append((owner, name, original))
+
+    def attach(self) -> "TypeProfiler":
+        for _, m in self.model.named_modules():
+            if any(True for _ in m.children()):
+                continue
+            kind = type(m).__name__
+            cat = CATEGORIES.get(kind, kind.lower())
+            is_conv = kind == "Conv2d"
+            self._wrap(m, "forward", cat + " forward" if is_conv else cat, m if is_conv else None, 1)
+            self._wrap(m, "backward", cat + " backward" if is_conv else cat, m if is_conv else None, 2)
+        self._wrap(conv_module, "im2col", "im2col")
+        self._wrap(conv_module, "col2im", "col2im")
+        return self
+
+    def detach(self) -> None:
+        for owner, name, original in reversed(self._undo):
+            if isinstance(owner, type(conv_module)):
+                setattr(owner, name, original)
+            else:
+                owner.__dict__.pop(name, None)
+        self._undo.clear()
+
+    def reset(self) -> None:
+        self.totals.clear()
+        self.per_conv.clear()
+
+    def report(self, total: float) -> list[dict]:
+        """Rows ``{category, seconds, share}`` sorted by time, with "other" = total - timed, shares of total."""
+        rows = [{"category": c, "seconds": t} for c, t in self.totals.items()]
+        rows.append({"category": "other (containers, block buffers, glue)",
+                     "seconds": max(total - sum(self.totals.values()), 0.0)})
+        for r in rows:
+            r["share"] = r["seconds"] / total if total > 0 else 0.0
+        return sorted(rows, key=lambda r: -r["seconds"])
+
+
+def conv_gemm_shapes(conv):
+    """(N, F, K, P) of the im2col GEMMs of ``conv``'s last forward: W (F, K) @ cols (N, K, P)."""
+    N, C, H, W = conv.x_shape
+    _, F, Ho, Wo = conv.output_shape(conv.x_shape)
+    return N, F, C * conv.kernel_size[0] * conv.kernel_size[1], Ho * Wo
+
+
+def gemm_reference(convs, xp=None, dtype="float32", repeats: int = 3, sync: bool = False) -> dict:
+    """Best-of-``repeats`` time of the three im2col GEMMs of each distinct conv shape: {(N, F, K, P): seconds}."""
+    out = {}
+    for conv in convs:
+        key = conv_gemm_shapes(conv)
+        if key in out:
+            continue
+        xp = xp or get_array_module(conv.weight.data)
+        N, F, K, P = key
+        w, cols, d = xp.ones((F, K), dtype), xp.ones((N, K, P), dtype), xp.ones((N, F, P), dtype)
+        best = float("inf")
+        for rep in range(repeats + 1):      # run 0 is a warm-up
+            if sync:
+                synchronize()
+            t = time.perf_counter()
+            w @ cols
+            xp.matmul(d, cols.transpose(0, 2, 1)).sum(axis=0)
+            w.T @ d
+            if sync:
+                synchronize()
+            if rep:
+                best = min(best, time.perf_counter() - t)
+        out[key] = best
+    return out

@@ -1,0 +1,67 @@
+"""Smoke test of ``minideeplab bench`` in quick mode: the output structure, never the timings."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from minideeplab import bench
+from minideeplab.models import DeepLabConfig, build_deeplab
+from minideeplab.profiler import TypeProfiler, gemm_reference
+
+torch_installed = importlib.util.find_spec("torch") is not None
+
+
+def test_quick_bench_writes_json_and_markdown(tmp_path):
+    rc = bench.main(["--quick", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    report = json.loads((tmp_path / "bench_cpu_quick.json").read_text())
+    md = (tmp_path / "bench_cpu_quick.md").read_text()
+    assert [(r["output_stride"], r["mode"]) for r in report["rows"]] == [(16, "eval"), (16, "train")]
+    for r in report["rows"]:
+        assert len(r["ours"]["times_s"]) == 1 and r["ours_s"] > 0
+        assert r["ours_peak_rss_mib"] > 10
+        if torch_installed:
+            assert r["torch_s"] > 0 and r["ratio"] == pytest.approx(r["ours_s"] / r["torch_s"])
+        else:
+            assert r["torch_s"] is None and r["ratio"] is None
+    prof = report["profile"]
+    cats = {p["category"] for p in prof["profile"]}
+    assert {"conv forward", "conv backward", "batch norm", "relu", "pooling", "optimizer", "loss"} <= cats
+    assert sum(p["share"] for p in prof["profile"]) == pytest.approx(1.0, abs=1e-6)
+    assert set(prof["gemm"]) <= {"pointwise", "kn2row", "taps", "im2col"} and "im2col" in prof["gemm"]
+    assert "| 16 | train |" in md and "efficiency" in md
+
+
+def test_bench_rejects_unknown_output_stride(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--os", "4"])
+
+
+def test_profiler_charges_exclusive_time_and_restores_the_model():
+    model = build_deeplab(DeepLabConfig.small(), rng=np.random.default_rng(0)).eval()   # deterministic
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32), dtype=np.float32)
+    ref = model(x)
+    prof = TypeProfiler(model).attach()
+    with prof.region("whole step"):
+        out = model(x)
+        model.backward(np.ones_like(out))
+    prof.detach()
+    np.testing.assert_array_equal(out, ref)                      # timing hooks do not change the math
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    nested = sum(t for c, t in prof.totals.items() if c != "whole step")
+    whole = prof.totals["whole step"]
+    assert nested > 0 and whole >= 0                              # exclusive: the outer region excludes them
+    rows = prof.report(total=nested + whole)
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    convs = [c for c, _, _ in prof.per_conv.values()]
+    ref_times = gemm_reference(convs, repeats=1)
+    assert len(convs) == sum(1 for m in model.modules() if type(m).__name__ == "Conv2d")
+    assert all(t > 0 for t in ref_times.values())
+
+
+def test_conv_flops_matches_hand_count():
+    # 3x3, 128 -> 32 at 64x64, batch 2, padding 1: 2 * 2 * 32 * 128 * 9 * 64 * 64 FLOPs
+    assert bench.conv_flops(2, 128, 32, 3, 1, 1, 1, 64) == 2 * 2 * 32 * 128 * 9 * 4096
+    # 7x7 stride 2 padding 3 at 256: output 128x128
+    assert bench.conv_flops(2, 3, 64, 7, 2, 3, 1, 256) == 2 * 2 * 64 * 3 * 49 * 128 * 128
