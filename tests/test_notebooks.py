@@ -1,5 +1,4 @@
 """Every teaching notebook runs top to bottom (quick mode, MINIDEEPLAB_SHORT=1) and is stored without outputs."""
-import os
 from pathlib import Path
 
 import pytest
