@@ -114,7 +114,10 @@ def cmd_train(args) -> int:
                              f"may be given with it (got --{min(options).replace('_', '-')})")
         trainer = Trainer.from_checkpoint(args.resume, out_dir=args.out, device=args.device,
                                           progress=not args.quiet, log=_log)
-        _log(f"resuming {args.resume} at epoch {trainer.epoch + 1}, step {trainer.global_step}")
+        if trainer.epoch >= trainer.cfg.epochs:
+            _log(f"{args.resume}: the run already finished its {trainer.cfg.epochs} epoch(s); nothing to train")
+        else:
+            _log(f"resuming {args.resume} at epoch {trainer.epoch + 1}, step {trainer.global_step}")
     else:
         cfg = TrainConfig(**options)
         if args.device:
@@ -123,10 +126,12 @@ def cmd_train(args) -> int:
         trainer = Trainer(cfg, out_dir=out, progress=not args.quiet, log=_log)
     _log(f"run folder: {trainer.out_dir}  ({trainer.total_steps} steps, {trainer.cfg.model}, "
          f"{trainer.cfg.image_size}px, batch {trainer.cfg.batch_size})")
+    finished = trainer.epoch >= trainer.cfg.epochs
     trainer.fit()
     metrics = evaluate(trainer.model, trainer.val_loader, trainer.loss_fn, trainer.cfg.threshold, trainer.cfg.device)
     print(format_metrics(metrics, title=f"validation after {trainer.epoch} epoch(s)"))
-    print(f"wrote {trainer.out_dir}/history.csv, last.npz, best.npz, curves.png, predictions.png")
+    if not finished:
+        print(f"wrote {trainer.out_dir}/history.csv, last.npz, best.npz, curves.png, predictions.png")
     return 0
 
 
