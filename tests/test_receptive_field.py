@@ -192,3 +192,14 @@ def test_clear_errors(rng):
         receptive_field(nn.Sequential(nn.Conv2d(1, 1, 7)), 4)
     with pytest.raises(ValueError, match="outside"):
         receptive_field_region(nn.Sequential(nn.Conv2d(1, 1, 3)), 8, position=(6, 0))
+
+
+def test_empirical_field_on_either_backend(device, rng):
+    net = positive(dilated_stack(rng))
+    x = rng.uniform(0.5, 1.5, (1, 2, 32, 32))
+    host = empirical_receptive_field(net, 32, position=(2, 5), x=x)
+    net.to(device)
+    from minideeplab.backend import to_device
+    moved = empirical_receptive_field(net, 32, position=(2, 5), x=to_device(x, device))
+    assert isinstance(moved.grad_map, np.ndarray) and moved.bbox == host.bbox
+    np.testing.assert_allclose(moved.grad_map, host.grad_map, rtol=1e-10, atol=1e-14)

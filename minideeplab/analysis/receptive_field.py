@@ -70,7 +70,7 @@ class RFTable(list):
             raise KeyError(f"RFTable.at: no module named {module_name!r} on the spatial path")
         return self[self.graph.marks[module_name]]
 
-    def subset(self, module_names) -> "RFTable":
+    def subset(self, module_names) -> RFTable:
         """The rows holding the outputs of the named modules (e.g. the stages of a backbone), in that order."""
         return RFTable([self.at(n) for n in module_names], self.graph)
 
