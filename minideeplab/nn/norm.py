@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import get_array_module
-from .functional import check_dtype, check_input
+from .functional import channel_sum, check_dtype, check_input
 from .module import Module, Parameter
 
 
@@ -34,7 +34,8 @@ class BatchNorm2d(Module):
         self.register_buffer("running_mean", np.zeros(num_features, dtype=dtype))
         self.register_buffer("running_var", np.ones(num_features, dtype=dtype))
         self.register_buffer("num_batches_tracked", np.zeros((), dtype=np.int64))
-        self.xhat = None       # normalized input (N, C, H, W)
+        self.xhat = None       # normalized input (N, C, H, W), kept by a training-mode forward
+        self.x = None          # the input, kept by an eval-mode forward instead (xhat is rebuilt in backward)
         self.inv_std = None    # 1 / sqrt(var + eps), shape (C,)
         self.batch_stats = None  # whether forward used batch statistics (train) or running ones (eval)
 
@@ -42,36 +43,50 @@ class BatchNorm2d(Module):
         check_input("BatchNorm2d", x, self.num_features)
         check_dtype("BatchNorm2d", x, self.running_mean)
         xp = get_array_module(x)
-        n = x.shape[0] * x.shape[2] * x.shape[3]
-        if self.training:
-            if n < 2:
-                raise ValueError(f"BatchNorm2d: training needs more than one value per channel, got input shape "
-                                 f"{tuple(x.shape)} (N*H*W = {n}); use a batch of at least 2 or call .eval()")
-            mean = x.mean(axis=(0, 2, 3))
-            centered = x - mean[:, None, None]
-            var = xp.mean(centered * centered, axis=(0, 2, 3))
-            m = self.momentum
-            self.running_mean[...] = (1 - m) * self.running_mean + m * mean
-            self.running_var[...] = (1 - m) * self.running_var + m * var * (n / (n - 1))
-            self.num_batches_tracked += 1
-        else:
-            centered = x - self.running_mean[:, None, None]
-            var = self.running_var
+        N, C, H, W = x.shape
+        n = N * H * W
+        if not self.training:
+            # eval: a per-channel affine map of x; xhat is only needed (and rebuilt from x) in backward
+            inv_std = 1.0 / xp.sqrt(self.running_var + self.eps)
+            scale = inv_std * self.weight.data if self.affine else inv_std
+            self.x, self.xhat, self.inv_std, self.batch_stats = x, None, inv_std, False
+            shift = -self.running_mean * scale + (self.bias.data if self.affine else 0)
+            out = x * scale[:, None, None]
+            out += shift[:, None, None]
+            return out
+        if n < 2:
+            raise ValueError(f"BatchNorm2d: training needs more than one value per channel, got input shape "
+                             f"{tuple(x.shape)} (N*H*W = {n}); use a batch of at least 2 or call .eval()")
+        # Per-channel sums as BLAS products (x viewed as (N, C, H*W): a view also for a channel-prefix view
+        # of a dense block's buffer): one read of x each, no temporaries. Two passes (mean, then the
+        # centred squares) keep the variance accurate in float32.
+        mean = channel_sum(x) / n
+        xhat = x - mean[:, None, None]                     # fresh array: centred now, normalised in place below
+        var = channel_sum(xhat, xhat) / n
+        m = self.momentum
+        self.running_mean[...] = (1 - m) * self.running_mean + m * mean
+        self.running_var[...] = (1 - m) * self.running_var + m * var * (n / (n - 1))
+        self.num_batches_tracked += 1
         inv_std = 1.0 / xp.sqrt(var + self.eps)
-        xhat = centered
-        xhat *= inv_std[:, None, None]          # in place: `centered` is a fresh array
-        self.xhat, self.inv_std, self.batch_stats = xhat, inv_std, self.training
+        xhat *= inv_std[:, None, None]
+        self.x, self.xhat, self.inv_std, self.batch_stats = None, xhat, inv_std, True
         if not self.affine:
             return xhat.copy()
-        return xhat * self.weight.data[:, None, None] + self.bias.data[:, None, None]
+        out = xhat * self.weight.data[:, None, None]
+        out += self.bias.data[:, None, None]
+        return out
 
     def backward(self, dout):
-        self._need(self.xhat)
+        self._need(self.inv_std)
         xhat, inv_std = self.xhat, self.inv_std
+        if xhat is None:                                   # eval forward kept x, not xhat
+            xhat = (self.x - self.running_mean[:, None, None]) * inv_std[:, None, None]
+        n = dout.shape[0] * dout.shape[2] * dout.shape[3]
+        sum_d, sum_dx = channel_sum(dout), channel_sum(dout, xhat)
         if self.affine:
             # dL/dgamma = sum dout * xhat ; dL/dbeta = sum dout
-            self.weight.grad += (dout * xhat).sum(axis=(0, 2, 3))
-            self.bias.grad += dout.sum(axis=(0, 2, 3))
+            self.weight.grad += sum_dx
+            self.bias.grad += sum_d
             scale = self.weight.data * inv_std
         else:
             scale = inv_std
@@ -79,16 +94,14 @@ class BatchNorm2d(Module):
             # eval: statistics are constants, so dL/dx = dout * gamma / sqrt(var + eps)
             return dout * scale[:, None, None]
         # train: dL/dx = gamma/sigma * (dout - mean(dout) - xhat * mean(dout * xhat)), means over (N, H, W)
-        mean_d = dout.mean(axis=(0, 2, 3))
-        mean_dx = (dout * xhat).mean(axis=(0, 2, 3))
-        dx = xhat * mean_dx[:, None, None]
-        dx += mean_d[:, None, None]
-        dx = dout - dx
+        dx = xhat * (sum_dx / n)[:, None, None]
+        dx += (sum_d / n)[:, None, None]
+        get_array_module(dx).subtract(dout, dx, out=dx)
         dx *= scale[:, None, None]
         return dx
 
     def _clear_cache(self):
-        self.xhat = self.inv_std = None
+        self.x = self.xhat = self.inv_std = None
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"

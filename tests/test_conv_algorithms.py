@@ -1,0 +1,84 @@
+"""The Conv2d speed paths agree with each other, also on the inputs the model feeds them (channel-prefix views)."""
+import numpy as np
+import pytest
+
+from minideeplab import nn
+
+F64 = np.float64
+
+# (C, F, kernel, stride, padding, dilation, (H, W)): model-like geometries, scaled down
+CASES = [
+    (6, 4, 3, 1, 1, 1, (9, 8)),      # dense layer 3x3
+    (6, 4, 3, 1, 2, 2, (6, 7)),      # atrous dense layer (OS 16)
+    (8, 5, 3, 1, 6, 6, (5, 6)),      # ASPP, rate larger than the map: most taps partly in padding
+    (8, 5, 3, 1, 7, 7, (5, 5)),      # only the centre tap reads data
+    (3, 4, 7, 2, 3, 1, (11, 10)),    # stem
+    (5, 3, 1, 1, 0, 1, (4, 6)),      # 1x1
+    (3, 2, (3, 5), 1, (0, 2), (2, 1), (9, 8)),  # non-square everything, no vertical padding
+]
+
+
+def paths(k, s, p):
+    k, s, p = ((v, v) if isinstance(v, int) else v for v in (k, s, p))
+    out = ["im2col"]
+    if s == (1, 1):
+        out += ["kn2row", "taps"]
+    if k == (1, 1) and p == (0, 0):
+        out.append("pointwise")
+    return out
+
+
+def run(conv, x, dout):
+    out = conv(x)
+    dx = conv.backward(dout)
+    return out, dx, conv.weight.grad.copy(), conv.bias.grad.copy()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"k{c[2]}_s{c[3]}_p{c[4]}_d{c[5]}" for c in CASES])
+def test_all_paths_agree_on_a_prefix_view(case, xp, rng):
+    C, F, k, s, p, d, (H, W) = case
+    buf = xp.asarray(rng.standard_normal((2, C + 3, H, W)))
+    x = buf[:, :C]                                   # what a dense layer reads: a non-contiguous view
+    weight = rng.standard_normal((F, C, *((k, k) if isinstance(k, int) else k)))
+    results = {}
+    for algo in paths(k, s, p):
+        conv = nn.Conv2d(C, F, k, s, p, d, rng=rng, dtype=F64, algorithm=algo).to(
+            "cuda" if xp is not np else "cpu")
+        conv.weight.data[...] = xp.asarray(weight)
+        conv.bias.data[...] = xp.asarray(np.arange(F, dtype=F64))
+        dout = xp.asarray(np.random.default_rng(7).standard_normal(conv.output_shape(x.shape)))
+        results[algo] = run(conv, x, dout)
+        assert conv.path == algo
+    ref = results["im2col"]
+    for algo, got in results.items():
+        for name, a, b in zip(("out", "dx", "dW", "db"), got, ref):
+            np.testing.assert_allclose(xp.asnumpy(a) if xp is not np else a, xp.asnumpy(b) if xp is not np else b,
+                                       rtol=1e-11, atol=1e-11, err_msg=f"{algo} {name}")
+
+
+def test_auto_choice_per_model_layer():
+    """The rule: pointwise for 1x1, im2col when strided, kn2row while padding adds <= 60 % to the map, else taps."""
+    cases = [((1, 0, 1, 1), 64, "pointwise"), ((7, 3, 1, 2), 256, "im2col"), ((3, 1, 1, 1), 64, "kn2row"),
+             ((3, 2, 2, 1), 16, "kn2row"), ((3, 6, 6, 1), 16, "taps"), ((3, 12, 12, 1), 16, "taps"),
+             ((3, 18, 18, 1), 16, "taps"), ((3, 4, 4, 1), 32, "kn2row")]
+    for (k, p, d, s), size, expected in cases:
+        conv = nn.Conv2d(2, 2, k, s, p, d, dtype=F64)
+        conv(np.zeros((1, 2, size, size)))
+        assert conv.path == expected, (k, p, d, s, size)
+
+
+def test_taps_path_skips_taps_that_read_only_padding():
+    from minideeplab.nn.functional import valid_taps
+    taps = list(valid_taps((3, 3), (18, 18), (18, 18), (16, 16), (16, 16)))
+    assert [(i, j) for i, j, _, _ in taps] == [(1, 1)]
+    # rate 12 on 16x16: every tap reads a 4- or 16-wide band: 16^2 + 4*4*16 + 4*4^2 = 576 of 9*256 products
+    taps = list(valid_taps((3, 3), (12, 12), (12, 12), (16, 16), (16, 16)))
+    area = sum((o[0].stop - o[0].start) * (o[1].stop - o[1].start) for _, _, o, _ in taps)
+    assert len(taps) == 9 and area == 576
+
+
+def test_forcing_a_path_that_does_not_apply_is_a_clear_error():
+    with pytest.raises(ValueError, match="kn2row"):
+        nn.Conv2d(2, 2, 3, stride=2, algorithm="kn2row")(np.zeros((1, 2, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        nn.Conv2d(2, 2, 3, algorithm="winograd")
