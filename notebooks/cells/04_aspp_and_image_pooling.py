@@ -109,6 +109,12 @@ for ax, (label, region) in zip(axes, regions.items()):
 plt.show()
 
 # %% [markdown]
+# Note that the left region is exactly the backbone's own field at the corner: on the 16×16 feature map of a
+# 256×256 image, rate 18 puts the outer taps of the 3×3 filter outside the map everywhere, so only the centre tap
+# is valid. The computation skips those taps too (the convolution's `taps` path computes only taps that touch real
+# input), so the rate-18 branch costs one tap there instead of nine.
+
+# %% [markdown]
 # ## Gradient check of an ASPP module
 #
 # A small ASPP (8 input channels, branch width 4, rates (1, 2, 3), no dropout) in training mode with a batch of two
