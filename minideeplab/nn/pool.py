@@ -67,9 +67,11 @@ class MaxPool2d(_Pool2d):
             if out is None:
                 out, argmax = win.copy(), xp.zeros(win.shape, dtype=xp.int8 if self.n_taps < 128 else xp.int32)
             else:
-                better = win > out
-                xp.copyto(out, win, where=better)
-                argmax[better] = tap
+                # branch-free updates: a masked copy (copyto(where=), out[mask] = ...) on a random mask is ~10x
+                # slower than elementwise arithmetic, which mispredicts nothing
+                better = (win > out).view(xp.int8)       # strictly greater: the first maximum wins ties
+                argmax += better * (argmax.dtype.type(tap) - argmax)
+                xp.maximum(out, win, out=out)
         self.argmax = argmax
         return out
 
