@@ -180,6 +180,7 @@ def test_dense_block_layers_read_views_of_one_buffer():
     assert out.shape == (2, 6 + 4 * 3, 5, 5)
     np.testing.assert_array_equal(x, x_before)
     np.testing.assert_array_equal(out[:, :6], x)
+    assert len(seen) == 4
     for i, inp in enumerate(seen):
         assert inp.shape[1] == 6 + 3 * i
         assert np.shares_memory(inp, out), f"layer {i + 1} got a copy, not a view of the block buffer"
