@@ -42,18 +42,24 @@ def limit_threads(n: int):
     return threadpool_limits(limits=n)
 
 
-def sample_times(fn, repeats: int, warmup: int = 2, sync=None) -> list[float]:
-    """Seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (``sync()`` ends each call)."""
+def sample_times(fn, repeats: int, warmup: int = 2, sync=None, cpu_times: list | None = None) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (``sync()`` ends each call).
+
+    ``cpu_times``, when given, receives each call's process CPU time: with one thread a measure that other
+    processes on a shared machine barely disturb (with several, it also counts threads spinning idle).
+    """
     sync = sync or (lambda: None)
     for _ in range(warmup):
         fn()
         sync()
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        c, t = time.process_time(), time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - t)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - c)
     return times
 
 
@@ -192,7 +198,8 @@ def run_phase(spec: dict) -> dict:
         step()                                   # first run: allocations, before the peak reset
         result["rss_before_mib"] = peak_rss_mib()
         result["rss_reset"] = reset_peak_rss()
-        result["times_s"] = sample_times(step, spec["repeats"], spec["warmup"], sync)
+        result["cpu_s"] = []
+        result["times_s"] = sample_times(step, spec["repeats"], spec["warmup"], sync, result["cpu_s"])
         result["peak_rss_mib"] = peak_rss_mib()
     return result
 
@@ -230,7 +237,8 @@ def _run_torch_phase(spec, model, x, target) -> dict:
     step()
     result["rss_before_mib"] = peak_rss_mib()
     result["rss_reset"] = reset_peak_rss()
-    result["times_s"] = sample_times(step, spec["repeats"], spec["warmup"], sync)
+    result["cpu_s"] = []
+    result["times_s"] = sample_times(step, spec["repeats"], spec["warmup"], sync, result["cpu_s"])
     result["peak_rss_mib"] = peak_rss_mib()
     if dev == "cuda":
         result["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -262,8 +270,8 @@ def spawn_phase(spec: dict, timeout: float | None = None) -> dict:
 
 
 # ---- the command ------------------------------------------------------------------------------------------
-def _median(result):
-    return statistics.median(result["times_s"]) if "times_s" in result else None
+def _median(result, key="times_s"):
+    return statistics.median(result[key]) if result.get(key) else None
 
 
 def _fmt(v, spec="{:.3f}"):
@@ -274,11 +282,13 @@ def markdown(report: dict) -> str:
     a = report["args"]
     lines = [f"### DeepLabV3-DenseNet121, batch {a['batch']}x3x{a['size']}x{a['size']} float32, {a['device']}, "
              f"{a['threads']} threads, median of {a['repeats']}", "",
-             "| OS | phase | ours (s) | PyTorch (s) | ratio | ours peak RSS (MiB) | PyTorch peak RSS (MiB) |",
-             "|---|---|---|---|---|---|---|"]
+             "| OS | phase | ours (s) | PyTorch (s) | ratio | ours CPU (s) | PyTorch CPU (s) | CPU ratio "
+             "| ours peak RSS (MiB) | PyTorch peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['output_stride']} | {r['mode']} | {_fmt(r['ours_s'])} | {_fmt(r['torch_s'])} | "
-                     f"{_fmt(r['ratio'], '{:.2f}')} | {_fmt(r['ours_peak_rss_mib'], '{:.0f}')} | "
+                     f"{_fmt(r['ratio'], '{:.2f}')} | {_fmt(r['ours_cpu_s'])} | {_fmt(r['torch_cpu_s'])} | "
+                     f"{_fmt(r['cpu_ratio'], '{:.2f}')} | {_fmt(r['ours_peak_rss_mib'], '{:.0f}')} | "
                      f"{_fmt(r['torch_peak_rss_mib'], '{:.0f}')} |")
     prof = report.get("profile")
     if prof and "profile" in prof:
@@ -344,9 +354,12 @@ def main(argv=None) -> int:
                    "ours_peak_rss_mib": ours.get("peak_rss_mib"), "torch_peak_rss_mib": theirs.get("peak_rss_mib"),
                    "ours": ours, "torch": theirs}
             row["ratio"] = row["ours_s"] / row["torch_s"] if row["ours_s"] and row["torch_s"] else None
+            row["ours_cpu_s"], row["torch_cpu_s"] = _median(ours, "cpu_s"), _median(theirs, "cpu_s")
+            row["cpu_ratio"] = (row["ours_cpu_s"] / row["torch_cpu_s"]
+                                if row["ours_cpu_s"] and row["torch_cpu_s"] else None)
             report["rows"].append(row)
             print(f"  OS {os_:2d} {mode:5s}  ours {_fmt(row['ours_s'])} s  torch {_fmt(row['torch_s'])} s  "
-                  f"ratio {_fmt(row['ratio'], '{:.2f}')}  peak RSS ours {_fmt(row['ours_peak_rss_mib'], '{:.0f}')} "
+                  f"ratio {_fmt(row['ratio'], '{:.2f}')} (CPU time {_fmt(row['cpu_ratio'], '{:.2f}')})  peak RSS ours {_fmt(row['ours_peak_rss_mib'], '{:.0f}')} "
                   f"/ torch {_fmt(row['torch_peak_rss_mib'], '{:.0f}')} MiB", flush=True)
     if not args.no_profile:
         pos = args.profile_os if not args.quick else oss[0]
