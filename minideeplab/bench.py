@@ -242,6 +242,7 @@ def _run_torch_phase(spec, model, x, target) -> dict:
     result["peak_rss_mib"] = peak_rss_mib()
     if dev == "cuda":
         result["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["gpu"] = torch.cuda.get_device_name()
     return result
 
 
@@ -260,8 +261,11 @@ def spawn_phase(spec: dict, timeout: float | None = None) -> dict:
     env = dict(os.environ)
     if spec["device"] == "cuda":
         env["CUPY_TF32"] = "0"
-    proc = subprocess.run([sys.executable, "-m", "minideeplab.bench", "--phase", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "minideeplab.bench", "--phase", json.dumps(spec)],
+                              capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"phase {spec['framework']} {spec['mode']} timed out after {timeout} s"}
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
@@ -280,8 +284,9 @@ def _fmt(v, spec="{:.3f}"):
 
 def markdown(report: dict) -> str:
     a = report["args"]
+    where = report["machine"].get("gpu", f"{a['threads']} threads") if a["device"] == "cuda" else f"{a['threads']} threads"
     lines = [f"### DeepLabV3-DenseNet121, batch {a['batch']}x3x{a['size']}x{a['size']} float32, {a['device']}, "
-             f"{a['threads']} threads, median of {a['repeats']}", "",
+             f"{where}, median of {a['repeats']}", "",
              "| OS | phase | ours (s) | PyTorch (s) | ratio | ours CPU (s) | PyTorch CPU (s) | CPU ratio "
              "| ours peak RSS (MiB) | PyTorch peak RSS (MiB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -321,6 +326,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-profile", action="store_true", help="skip the per-layer-type profile")
     ap.add_argument("--profile-os", type=int, choices=(8, 16, 32), default=16)
     ap.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for the JSON and .md")
+    ap.add_argument("--phase-timeout", type=float, default=600, help="seconds before a phase is abandoned")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.phase:
@@ -345,8 +351,8 @@ def main(argv=None) -> int:
         config = (DeepLabConfig.small(output_stride=os_) if args.quick else DeepLabConfig(output_stride=os_))
         for mode in ("eval", "train"):
             spec = dict(base, config=config.to_dict(), mode=mode)
-            ours = spawn_phase(dict(spec, framework="ours"))
-            theirs = spawn_phase(dict(spec, framework="torch")) if with_torch else {}
+            ours = spawn_phase(dict(spec, framework="ours"), args.phase_timeout)
+            theirs = spawn_phase(dict(spec, framework="torch"), args.phase_timeout) if with_torch else {}
             for r in (ours, theirs):
                 if "error" in r:
                     print("  " + r["error"], file=sys.stderr)
@@ -358,6 +364,8 @@ def main(argv=None) -> int:
             row["cpu_ratio"] = (row["ours_cpu_s"] / row["torch_cpu_s"]
                                 if row["ours_cpu_s"] and row["torch_cpu_s"] else None)
             report["rows"].append(row)
+            if "gpu" in theirs:
+                report["machine"]["gpu"] = theirs["gpu"]
             print(f"  OS {os_:2d} {mode:5s}  ours {_fmt(row['ours_s'])} s  torch {_fmt(row['torch_s'])} s  "
                   f"ratio {_fmt(row['ratio'], '{:.2f}')} (CPU time {_fmt(row['cpu_ratio'], '{:.2f}')})  peak RSS ours {_fmt(row['ours_peak_rss_mib'], '{:.0f}')} "
                   f"/ torch {_fmt(row['torch_peak_rss_mib'], '{:.0f}')} MiB", flush=True)
@@ -365,7 +373,7 @@ def main(argv=None) -> int:
         pos = args.profile_os if not args.quick else oss[0]
         config = DeepLabConfig.small(output_stride=pos) if args.quick else DeepLabConfig(output_stride=pos)
         prof = spawn_phase(dict(base, config=config.to_dict(), mode="profile", framework="ours",
-                                repeats=min(repeats, 2)))
+                                repeats=min(repeats, 2)), args.phase_timeout)
         prof["output_stride"] = pos
         if "gemm" in prof:
             prof["gemm_total"] = {k: sum(g[k] for g in prof["gemm"].values())
