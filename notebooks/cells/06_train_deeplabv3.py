@@ -56,7 +56,7 @@ plt.show()
 if SHORT:
     settings = dict(image_size=48, epochs=2, train_size=8, val_size=4, batch_size=4)
 else:
-    settings = dict(image_size=96, epochs=8, train_size=400, val_size=48, batch_size=8)
+    settings = dict(image_size=64, epochs=6, train_size=160, val_size=32, batch_size=8)
 cfg = TrainConfig(model="small", output_stride=16, lr=3e-3, warmup_steps=5, seed=0, **settings)
 print(cfg)
 trainer = Trainer(cfg, out_dir=None, progress=False, log=print, figures=False)
@@ -111,7 +111,7 @@ print("validation metrics of the last epoch:", {k: round(v, 4) for k, v in histo
 results = {}
 for os_ in (32, 16, 8):
     run = Trainer(TrainConfig(model="small", output_stride=os_, lr=3e-3, warmup_steps=5, seed=0,
-                              **{**settings, "epochs": 1 if SHORT else 4}), progress=False, figures=False)
+                              **{**settings, "epochs": 1 if SHORT else 3}), progress=False, figures=False)
     h = run.fit()
     results[os_] = (h[-1]["val_iou"], h[-1]["val_loss"], sum(r["seconds"] for r in h) / run.global_step)
 print(f"{'OS':>3} {'val IoU':>8} {'val loss':>9} {'s / step':>9}")
