@@ -60,6 +60,7 @@ def _add_train(sub):
     a("--out", help="run folder (default runs/<date-time>; with --resume, the checkpoint's folder)")
     a("--resume", metavar="CKPT", help="continue the run saved in CKPT (e.g. RUN/last.npz) with its settings")
     a("--quiet", action="store_true", help="no progress bars")
+    a("--log-every", type=int, default=0, metavar="N", help="also print a line every N steps (for log files)")
     p.set_defaults(func=cmd_train)
 
 
@@ -107,13 +108,13 @@ def cmd_train(args) -> int:
     from .metrics import format_metrics
     from .train import TrainConfig, Trainer, evaluate
     options = {k: v for k, v in vars(args).items()
-               if k not in ("func", "command", "out", "resume", "quiet", "device") and v is not None}
+               if k not in ("func", "command", "out", "resume", "quiet", "device", "log_every") and v is not None}
     if args.resume:
         if options:
             raise ValueError("--resume continues a run with its saved settings; only --out, --device and --quiet "
                              f"may be given with it (got --{min(options).replace('_', '-')})")
         trainer = Trainer.from_checkpoint(args.resume, out_dir=args.out, device=args.device,
-                                          progress=not args.quiet, log=_log)
+                                          progress=not args.quiet, log=_log, log_every=args.log_every)
         if trainer.epoch >= trainer.cfg.epochs:
             _log(f"{args.resume}: the run already finished its {trainer.cfg.epochs} epoch(s); nothing to train")
         else:
@@ -123,7 +124,7 @@ def cmd_train(args) -> int:
         if args.device:
             cfg.device = args.device
         out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-        trainer = Trainer(cfg, out_dir=out, progress=not args.quiet, log=_log)
+        trainer = Trainer(cfg, out_dir=out, progress=not args.quiet, log=_log, log_every=args.log_every)
     _log(f"run folder: {trainer.out_dir}  ({trainer.total_steps} steps, {trainer.cfg.model}, "
          f"{trainer.cfg.image_size}px, batch {trainer.cfg.batch_size})")
     finished = trainer.epoch >= trainer.cfg.epochs

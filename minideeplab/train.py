@@ -160,14 +160,16 @@ class Trainer:
         progress: show tqdm bars (loss and running IoU).
         log: called with one line per epoch (e.g. ``print``); None for silence.
         figures: write the two PNG figures.
+        log_every: also ``log`` a line every this many steps (0: only per epoch), for logs without a terminal.
     """
 
-    def __init__(self, config: TrainConfig, out_dir=None, progress: bool = True, log=None, figures: bool = True):
+    def __init__(self, config: TrainConfig, out_dir=None, progress: bool = True, log=None, figures: bool = True,
+                 log_every: int = 0):
         from .models import build_deeplab
         from .nn import Dropout
         self.cfg = config.validate()
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.progress, self.log, self.figures = progress, log, figures
+        self.progress, self.log, self.figures, self.log_every = progress, log, figures, int(log_every)
         init_seq, *seqs = np.random.SeedSequence(self.cfg.seed).spawn(4)
         self.rngs = dict(zip(("shuffle", "augment", "dropout"), (np.random.default_rng(s) for s in seqs)))
         self.train_set, self.val_set = build_datasets(self.cfg, self.rngs["augment"])
@@ -339,6 +341,10 @@ class Trainer:
                 self._in_update = False
                 bar.set_postfix(loss=f"{r['loss_sum'] / r['count']:.4f}", iou=f"{self._running_iou():.3f}")
                 bar.update()
+                if self.log and self.log_every and self.global_step % self.log_every == 0:
+                    self.log(f"step {self.global_step}/{self.total_steps}: loss {r['loss_sum'] / r['count']:.4f} "
+                             f"IoU {self._running_iou():.4f} lr {self.optimizer.lr:.2e} "
+                             f"{r['seconds'] / r['count']:.2f} s/step")
                 if self.on_step_end is not None:
                     self.on_step_end(self)
 
