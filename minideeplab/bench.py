@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -212,6 +212,8 @@ def _run_torch_phase(spec, model, x, target) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     dev = "cuda" if spec["device"] == "cuda" else "cpu"
+    if dev == "cuda" and not torch.cuda.is_available():
+        return {"skipped": f"torch {torch.__version__} has no CUDA support here: PyTorch CUDA phases skipped"}
     tmodel = to_torch(model).to(dev)
     del model
     tx, tt = torch.from_numpy(x).to(dev), torch.from_numpy(target).to(dev)
@@ -263,7 +265,7 @@ def spawn_phase(spec: dict, timeout: float | None = None) -> dict:
         env["CUPY_TF32"] = "0"
     try:
         proc = subprocess.run([sys.executable, "-m", "minideeplab.bench", "--phase", json.dumps(spec)],
-                              capture_output=True, text=True, env=env, timeout=timeout)
+                              capture_output=True, text=True, env=env, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"phase {spec['framework']} {spec['mode']} timed out after {timeout} s"}
     for line in proc.stdout.splitlines():
@@ -284,11 +286,13 @@ def _fmt(v, spec="{:.3f}"):
 
 def markdown(report: dict) -> str:
     a = report["args"]
-    where = report["machine"].get("gpu", f"{a['threads']} threads") if a["device"] == "cuda" else f"{a['threads']} threads"
-    lines = [f"### DeepLabV3-DenseNet121, batch {a['batch']}x3x{a['size']}x{a['size']} float32, {a['device']}, "
-             f"{where}, median of {a['repeats']}", "",
-             "| OS | phase | ours (s) | PyTorch (s) | ratio | ours CPU (s) | PyTorch CPU (s) | CPU ratio "
-             "| ours peak RSS (MiB) | PyTorch peak RSS (MiB) |",
+    where = f"{a['threads']} threads"
+    if a["device"] == "cuda":
+        where = report["machine"].get("gpu", "GPU")
+    lines = [(f"### DeepLabV3-DenseNet121, batch {a['batch']}x3x{a['size']}x{a['size']} float32, {a['device']}, "
+              f"{where}, median of {a['repeats']}"), "",
+             ("| OS | phase | ours (s) | PyTorch (s) | ratio | ours CPU (s) | PyTorch CPU (s) | CPU ratio "
+              "| ours peak RSS (MiB) | PyTorch peak RSS (MiB) |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['output_stride']} | {r['mode']} | {_fmt(r['ours_s'])} | {_fmt(r['torch_s'])} | "
@@ -297,11 +301,11 @@ def markdown(report: dict) -> str:
                      f"{_fmt(r['torch_peak_rss_mib'], '{:.0f}')} |")
     prof = report.get("profile")
     if prof and "profile" in prof:
-        lines += ["", f"Our training step by layer type (OS {prof['output_stride']}, one profiled step of "
-                      f"{prof['step_s']:.3f} s, exclusive times):", "", "| part | ms | share |", "|---|---|---|"]
+        lines += ["", (f"Our training step by layer type (OS {prof['output_stride']}, one profiled step of "
+                       f"{prof['step_s']:.3f} s, exclusive times):"), "", "| part | ms | share |", "|---|---|---|"]
         lines += [f"| {p['category']} | {1e3 * p['seconds']:.1f} | {100 * p['share']:.1f} % |" for p in prof["profile"]]
-        lines += ["", "Conv GEMM efficiency (nominal FLOPs of fwd+bwd; matmul = the 3 im2col GEMMs of the same "
-                      "shapes, no copies):", "",
+        lines += ["", ("Conv GEMM efficiency (nominal FLOPs of fwd+bwd; matmul = the 3 im2col GEMMs of the same "
+                       "shapes, no copies):"), "",
                   "| path | layers | GFLOP | conv (s) | GFLOP/s | matmul (s) | matmul GFLOP/s | efficiency |",
                   "|---|---|---|---|---|---|---|---|"]
         for path, g in list(prof["gemm"].items()) + [("all", prof["gemm_total"])]:
@@ -354,8 +358,8 @@ def main(argv=None) -> int:
             ours = spawn_phase(dict(spec, framework="ours"), args.phase_timeout)
             theirs = spawn_phase(dict(spec, framework="torch"), args.phase_timeout) if with_torch else {}
             for r in (ours, theirs):
-                if "error" in r:
-                    print("  " + r["error"], file=sys.stderr)
+                if "error" in r or "skipped" in r:
+                    print("  " + r.get("error", r.get("skipped")), file=sys.stderr)
             row = {"output_stride": os_, "mode": mode, "ours_s": _median(ours), "torch_s": _median(theirs),
                    "ours_peak_rss_mib": ours.get("peak_rss_mib"), "torch_peak_rss_mib": theirs.get("peak_rss_mib"),
                    "ours": ours, "torch": theirs}

@@ -69,7 +69,7 @@ class TypeProfiler:
         object.__setattr__(owner, name, timed)
         self._undo.append((owner, name, original))
 
-    def attach(self) -> "TypeProfiler":
+    def attach(self) -> TypeProfiler:
         for _, m in self.model.named_modules():
             if any(True for _ in m.children()):
                 continue
@@ -106,7 +106,7 @@ class TypeProfiler:
 
 def conv_gemm_shapes(conv):
     """(N, F, K, P) of the im2col GEMMs of ``conv``'s last forward: W (F, K) @ cols (N, K, P)."""
-    N, C, H, W = conv.x_shape
+    N, C = conv.x_shape[:2]
     _, F, Ho, Wo = conv.output_shape(conv.x_shape)
     return N, F, C * conv.kernel_size[0] * conv.kernel_size[1], Ho * Wo
 

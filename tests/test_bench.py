@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from minideeplab import bench
+from minideeplab.backend import cuda_available
 from minideeplab.models import DeepLabConfig, build_deeplab
 from minideeplab.profiler import TypeProfiler, gemm_reference
 
@@ -31,6 +32,16 @@ def test_quick_bench_writes_json_and_markdown(tmp_path):
     assert sum(p["share"] for p in prof["profile"]) == pytest.approx(1.0, abs=1e-6)
     assert set(prof["gemm"]) <= {"pointwise", "kn2row", "taps", "im2col"} and "im2col" in prof["gemm"]
     assert "| 16 | train |" in md and "efficiency" in md
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs CuPy and a GPU")
+def test_quick_bench_on_cuda(tmp_path):
+    """The --device cuda path end to end (CuPy vs PyTorch CUDA where torch has CUDA), tiny config."""
+    rc = bench.main(["--quick", "--device", "cuda", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "bench_cuda_quick.json").read_text())
+    assert [r["ours_s"] > 0 for r in report["rows"]] == [True, True], report["rows"]
+    assert "gemm" in report["profile"], report["profile"]
+    assert rc == 0, report["rows"]          # a CPU-only torch build is reported as skipped, not as an error
 
 
 def test_bench_rejects_unknown_output_stride(capsys):

@@ -43,8 +43,7 @@ class BatchNorm2d(Module):
         check_input("BatchNorm2d", x, self.num_features)
         check_dtype("BatchNorm2d", x, self.running_mean)
         xp = get_array_module(x)
-        N, C, H, W = x.shape
-        n = N * H * W
+        n = x.shape[0] * x.shape[2] * x.shape[3]
         if not self.training:
             # eval: a per-channel affine map of x; xhat is only needed (and rebuilt from x) in backward
             inv_std = 1.0 / xp.sqrt(self.running_var + self.eps)
