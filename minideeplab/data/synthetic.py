@@ -51,31 +51,31 @@ def shape_mask(rng, kind: str, u, v) -> np.ndarray:
     cx, cy = rng.uniform(-0.05, 1.05, size=2)
     angle = rng.uniform(0, np.pi)
     if kind == "ellipse":
-        a, b = rng.uniform(0.15, 0.38, size=2)
+        a, b = rng.uniform(0.17, 0.4, size=2)
         x, y = _rotated(u, v, cx, cy, angle)
         return (x / a) ** 2 + (y / b) ** 2 <= 1
     if kind == "ring":
-        a = rng.uniform(0.22, 0.4)
+        a = rng.uniform(0.25, 0.42)
         b = a * rng.uniform(0.7, 1.0)
-        inner = rng.uniform(0.35, 0.55)
+        inner = rng.uniform(0.35, 0.5)
         x, y = _rotated(u, v, cx, cy, angle)
         q = (x / a) ** 2 + (y / b) ** 2
         return (q <= 1) & (q >= inner ** 2)
     if kind == "polygon":
         k = int(rng.integers(3, 8))
         theta = angle + 2 * np.pi * (np.arange(k) + rng.uniform(-0.3, 0.3, size=k)) / k
-        radius = rng.uniform(0.18, 0.4) * rng.uniform(0.75, 1.0, size=k)
+        radius = rng.uniform(0.2, 0.42) * rng.uniform(0.75, 1.0, size=k)
         return _polygon_mask(u, v, cx + radius * np.cos(theta), cy + radius * np.sin(theta))
     if kind == "bar":
-        length, width = rng.uniform(0.5, 1.0), rng.uniform(0.07, 0.12)
+        length, width = rng.uniform(0.5, 1.0), rng.uniform(0.08, 0.13)
         x, y = _rotated(u, v, cx, cy, angle)
         return (np.abs(x) <= length / 2) & (np.abs(y) <= width / 2)
     raise ValueError(f"shape_mask: unknown kind {kind!r}, expected one of {KINDS}")
 
 
 def _texture(rng, u, v) -> np.ndarray:
-    """A periodic pattern in [0, 1]: stripes or a checker, period 6-12 % of the image side."""
-    period = rng.uniform(0.06, 0.12)
+    """A periodic pattern in [0, 1]: stripes or a checker, period 5-10 % of the image side."""
+    period = rng.uniform(0.05, 0.1)
     x, y = _rotated(u, v, 0.0, 0.0, rng.uniform(0, np.pi))
     phase = rng.uniform(0, 2 * np.pi)
     if rng.random() < 0.5:
@@ -93,7 +93,7 @@ def _contrasting_pair(rng) -> tuple[np.ndarray, np.ndarray]:
 
 
 def render_shapes(rng: np.random.Generator, size: int, max_objects: int = 3, empty_prob: float = 0.1,
-                  max_distractors: int = 2, noise: float = 0.04):
+                  max_distractors: int = 1, noise: float = 0.03):
     """Draw one image and its mask.
 
     Shapes:
@@ -150,7 +150,7 @@ class SyntheticShapes(SegmentationDataset):
     """
 
     def __init__(self, n: int, size: int = 128, seed: int = 0, split: int = 0, max_objects: int = 3,
-                 empty_prob: float = 0.1, max_distractors: int = 2, noise: float = 0.04, transform=None, rng=None,
+                 empty_prob: float = 0.1, max_distractors: int = 1, noise: float = 0.03, transform=None, rng=None,
                  normalize: bool = True):
         super().__init__(transform, rng, normalize)
         if int(n) < 0 or int(size) < 8:
