@@ -174,23 +174,24 @@ def run_phase(spec: dict) -> dict:
         from .profiler import TypeProfiler, conv_gemm_shapes, gemm_reference
         step()                                   # warm-up, unprofiled
         profiler = TypeProfiler(model, sync=cuda).attach()
-        times = []
+        best, conv_best = None, {}   # on a shared machine: the fastest profiled step, the fastest call per conv
         for _ in range(spec["repeats"]):
             profiler.reset()
-            times += sample_times(step, 1, warmup=0, sync=sync)
+            total = sample_times(step, 1, warmup=0, sync=sync)[0]
+            if best is None or total < best[0]:
+                best = (total, profiler.report(total))
+            for key, (conv, t_fwd, t_bwd) in profiler.per_conv.items():
+                conv_best[key] = (conv, min(t_fwd + t_bwd, conv_best.get(key, (None, float("inf")))[1]))
         profiler.detach()
-        total = times[-1]
-        result["profile"] = profiler.report(total)
-        result["step_s"] = total
-        convs = [c for c, _, _ in profiler.per_conv.values()]
-        ref = gemm_reference(convs, sync=cuda)
+        result["step_s"], result["profile"] = best
+        ref = gemm_reference([c for c, _ in conv_best.values()], sync=cuda)
         groups = {}
-        for conv, t_fwd, t_bwd in profiler.per_conv.values():
+        for conv, t in conv_best.values():
             g = groups.setdefault(conv.path, {"layers": 0, "gflop": 0.0, "conv_s": 0.0, "matmul_s": 0.0})
             Nn, F, K, P = conv_gemm_shapes(conv)
             g["layers"] += 1
             g["gflop"] += 3 * 2 * Nn * F * K * P / 1e9
-            g["conv_s"] += t_fwd + t_bwd
+            g["conv_s"] += t
             g["matmul_s"] += ref[(Nn, F, K, P)]
         result["gemm"] = groups
         return result
@@ -291,21 +292,22 @@ def markdown(report: dict) -> str:
         where = report["machine"].get("gpu", "GPU")
     lines = [(f"### DeepLabV3-DenseNet121, batch {a['batch']}x3x{a['size']}x{a['size']} float32, {a['device']}, "
               f"{where}, median of {a['repeats']}"), "",
-             ("| OS | phase | ours (s) | PyTorch (s) | ratio | ours CPU (s) | PyTorch CPU (s) | CPU ratio "
-              "| ours peak RSS (MiB) | PyTorch peak RSS (MiB) |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             ("| OS | phase | ours (s) | PyTorch (s) | ratio | best-of ratio | ours CPU (s) | PyTorch CPU (s) "
+              "| CPU ratio | ours peak RSS (MiB) | PyTorch peak RSS (MiB) |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['output_stride']} | {r['mode']} | {_fmt(r['ours_s'])} | {_fmt(r['torch_s'])} | "
-                     f"{_fmt(r['ratio'], '{:.2f}')} | {_fmt(r['ours_cpu_s'])} | {_fmt(r['torch_cpu_s'])} | "
+                     f"{_fmt(r['ratio'], '{:.2f}')} | {_fmt(r.get('best_ratio'), '{:.2f}')} | "
+                     f"{_fmt(r['ours_cpu_s'])} | {_fmt(r['torch_cpu_s'])} | "
                      f"{_fmt(r['cpu_ratio'], '{:.2f}')} | {_fmt(r['ours_peak_rss_mib'], '{:.0f}')} | "
                      f"{_fmt(r['torch_peak_rss_mib'], '{:.0f}')} |")
     prof = report.get("profile")
     if prof and "profile" in prof:
-        lines += ["", (f"Our training step by layer type (OS {prof['output_stride']}, one profiled step of "
-                       f"{prof['step_s']:.3f} s, exclusive times):"), "", "| part | ms | share |", "|---|---|---|"]
+        lines += ["", (f"Our training step by layer type (OS {prof['output_stride']}, the fastest of the profiled "
+                       f"steps, {prof['step_s']:.3f} s; exclusive times):"), "", "| part | ms | share |", "|---|---|---|"]
         lines += [f"| {p['category']} | {1e3 * p['seconds']:.1f} | {100 * p['share']:.1f} % |" for p in prof["profile"]]
-        lines += ["", ("Conv GEMM efficiency (nominal FLOPs of fwd+bwd; matmul = the 3 im2col GEMMs of the same "
-                       "shapes, no copies):"), "",
+        lines += ["", ("Conv GEMM efficiency (nominal FLOPs of fwd+bwd, each conv's fastest call; matmul = best "
+                       "time of the 3 im2col GEMMs of the same shapes, no copies):"), "",
                   "| path | layers | GFLOP | conv (s) | GFLOP/s | matmul (s) | matmul GFLOP/s | efficiency |",
                   "|---|---|---|---|---|---|---|---|"]
         for path, g in list(prof["gemm"].items()) + [("all", prof["gemm_total"])]:
@@ -316,7 +318,8 @@ def markdown(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="minideeplab bench", description=__doc__.split("\n")[0].strip("`"))
+    ap = argparse.ArgumentParser(prog="minideeplab bench", description="DeepLabV3-DenseNet121 speed and peak "
+                                 "memory against PyTorch, in one run (see minideeplab/bench.py)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--os", type=int, nargs="+", choices=(8, 16, 32), default=None, dest="output_strides",
                     help="output strides to run (default 32 16 8; --quick: 16)")
@@ -364,6 +367,8 @@ def main(argv=None) -> int:
                    "ours_peak_rss_mib": ours.get("peak_rss_mib"), "torch_peak_rss_mib": theirs.get("peak_rss_mib"),
                    "ours": ours, "torch": theirs}
             row["ratio"] = row["ours_s"] / row["torch_s"] if row["ours_s"] and row["torch_s"] else None
+            row["best_ratio"] = (min(ours["times_s"]) / min(theirs["times_s"])
+                                 if ours.get("times_s") and theirs.get("times_s") else None)
             row["ours_cpu_s"], row["torch_cpu_s"] = _median(ours, "cpu_s"), _median(theirs, "cpu_s")
             row["cpu_ratio"] = (row["ours_cpu_s"] / row["torch_cpu_s"]
                                 if row["ours_cpu_s"] and row["torch_cpu_s"] else None)
@@ -377,7 +382,7 @@ def main(argv=None) -> int:
         pos = args.profile_os if not args.quick else oss[0]
         config = DeepLabConfig.small(output_stride=pos) if args.quick else DeepLabConfig(output_stride=pos)
         prof = spawn_phase(dict(base, config=config.to_dict(), mode="profile", framework="ours",
-                                repeats=min(repeats, 2)), args.phase_timeout)
+                                repeats=min(repeats, 3)), args.phase_timeout)
         prof["output_stride"] = pos
         if "gemm" in prof:
             prof["gemm_total"] = {k: sum(g[k] for g in prof["gemm"].values())

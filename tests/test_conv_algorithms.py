@@ -57,10 +57,12 @@ def test_all_paths_agree_on_a_prefix_view(case, xp, rng):
 
 
 def test_auto_choice_per_model_layer():
-    """The rule: pointwise for 1x1, im2col when strided, kn2row while padding adds <= 60 % to the map, else taps."""
+    """The rule: pointwise for 1x1, im2col when strided; at stride 1 kn2row when the taps that read any data read
+    it at >= 70 % of the pixels, else taps (one GEMM per tap over its own rectangle)."""
     cases = [((1, 0, 1, 1), 64, "pointwise"), ((7, 3, 1, 2), 256, "im2col"), ((3, 1, 1, 1), 64, "kn2row"),
              ((3, 2, 2, 1), 16, "kn2row"), ((3, 6, 6, 1), 16, "taps"), ((3, 12, 12, 1), 16, "taps"),
-             ((3, 18, 18, 1), 16, "taps"), ((3, 4, 4, 1), 32, "kn2row")]
+             ((3, 18, 18, 1), 16, "kn2row"),   # only the centre tap reads data: one GEMM, a 1x1 conv
+             ((3, 4, 4, 1), 32, "kn2row"), ((3, 12, 12, 1), 32, "taps")]
     for (k, p, d, s), size, expected in cases:
         conv = nn.Conv2d(2, 2, k, s, p, d, dtype=F64)
         conv(np.zeros((1, 2, size, size)))

@@ -2,19 +2,21 @@
 
 All paths compute the same cross-correlation; they differ only in how the data reaches the GEMM, and the
 layer picks the cheapest for its shape ("auto"; set ``conv.algorithm`` to force one). Why each is fast, with
-forward+backward times measured on this 2-core machine (OpenBLAS, float32, batch 2, 1 thread):
+forward+backward times measured
+on this 2-core machine (OpenBLAS, float32, batch 2, one thread, CPU ms; im2col + col2im for comparison):
 
 - "pointwise" (1x1, no padding): the input already *is* the (C, H*W) column matrix: no copy at all.
-- "kn2row" (stride 1, padding small next to the map: the dense layers' 3x3 convs): one GEMM
-  ``Y = W_taps (kh*kw*F, C) @ xpad (C, Hp*Wp)`` computes every tap's contribution at every padded pixel; the
-  output is the sum of the kh*kw shifted F-row blocks of Y. No im2col (9x the input) is built or kept, only the
-  padded input. Backward stacks kh*kw shifted copies of the thin dout (F = 32) into D (F*kh*kw, Hp*Wp); then
-  ``dW = D @ xpad^T`` and ``dxpad = W^T @ D`` (the direct correlation with the flipped kernel: a GEMM with
-  K = F*kh*kw and no col2im scatter). 3x3 128->32 at 64x64: 21 ms against 58 ms for im2col + col2im.
-- "taps" (stride 1, padding large next to the map: ASPP's atrous 3x3 at 16x16): one GEMM per kernel tap over
-  only the rectangle where that tap reads real input (``valid_taps``); a tap that reads only padding is
-  skipped. Rate 12 at 16x16 does 25 % of im2col's multiply-adds (46 ms against 99 ms), rate 18 only the
-  centre tap (21 ms against 137 ms).
+- "kn2row" (stride 1, the taps that read real data read it almost everywhere: the dense layers' 3x3 convs):
+  one GEMM ``Y = W_taps (T*F, C) @ x (C, H*W)`` computes every used tap's contribution at every input pixel;
+  the output is the sum of the T F-row blocks of Y, each shifted by its tap offset and clipped to where that
+  tap reads real input (zero padding contributes nothing, so it is never built, and a tap that reads only
+  padding is dropped). No im2col (9x the input) is built or kept; backward stacks the shifted copies of the
+  thin dout (F = 32) into D (T*F, H*W) and does two GEMMs: ``dW = D @ x^T`` and ``dx = W_taps^T @ D`` (the
+  direct correlation with the flipped kernel: K = F*T, no col2im scatter). 3x3 128->32 at 64x64: 21 ms
+  against 51 ms; ASPP rate 18 at 16x16, where only the centre tap reads data: 8 ms against 78 ms.
+- "taps" (stride 1, many taps read mostly padding: ASPP's atrous 3x3 at 16x16): one GEMM per tap over only
+  the rectangle where that tap reads real input (``valid_taps``). Rate 12 at 16x16 does 25 % of im2col's
+  multiply-adds: 37 ms against 74 ms (rate 6: 55 against 71).
 - "im2col" (strided convs: the 7x7/2 stem): ``W (F, C*kh*kw) @ cols (N, C*kh*kw, Ho*Wo)``, col2im in backward.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ import math
 import numpy as np
 
 from ..backend import get_array_module
-from .functional import check_dtype, check_input, col2im, conv_output_size, im2col, pad2d, pair, valid_taps
+from .functional import check_dtype, check_input, col2im, conv_output_size, im2col, pair, valid_taps
 from .module import Module, Parameter
 
 
@@ -67,7 +69,7 @@ class Conv2d(Module):
         self.algorithm = algorithm
         self.x_shape = None   # input shape of the last forward
         self.path = None      # the algorithm the last forward used
-        self.saved = None     # what that path's backward needs: cols, the padded input, or the input
+        self.saved = None     # what that path's backward needs: the columns (im2col / pointwise) or the input
 
     def output_shape(self, input_shape):
         N, _, H, W = input_shape
@@ -83,13 +85,21 @@ class Conv2d(Module):
                 return "pointwise"
             if self.stride != (1, 1):
                 return "im2col"
-            # kn2row computes at every padded pixel: worth it while padding adds little (<= 60 %) to the map
-            (ph, pw) = self.padding
-            return "kn2row" if (H + 2 * ph) * (W + 2 * pw) <= 1.6 * Ho * Wo else "taps"
+            # kn2row multiplies every used tap with every pixel; "taps" only the pixels where the tap reads data
+            taps = list(valid_taps(self.kernel_size, self.padding, self.dilation, (H, W), (Ho, Wo)))
+            used = sum((o[0].stop - o[0].start) * (o[1].stop - o[1].start) for _, _, o, _ in taps)
+            return "kn2row" if used >= 0.7 * len(taps) * H * W else "taps"
         if (algo == "pointwise" and not pointwise) or (algo in ("kn2row", "taps") and self.stride != (1, 1)):
             raise ValueError(f"Conv2d: algorithm {algo!r} does not apply to kernel {self.kernel_size}, "
                              f"padding {self.padding}, stride {self.stride}")
         return algo
+
+    def _used_taps(self, in_hw, out_hw):
+        """The taps that read real input (``valid_taps``) and their weights stacked as (T, F, C)."""
+        taps = list(valid_taps(self.kernel_size, self.padding, self.dilation, in_hw, out_hw))
+        rows, cols = [t[0] for t in taps], [t[1] for t in taps]
+        xp = get_array_module(self.weight.data)
+        return taps, xp.ascontiguousarray(self.weight.data[:, :, rows, cols].transpose(2, 0, 1))
 
     def forward(self, x):
         check_input("Conv2d", x, self.in_channels)
@@ -99,7 +109,7 @@ class Conv2d(Module):
             raise ValueError(f"Conv2d: input {tuple(x.shape)} is too small for kernel {self.kernel_size} "
                              f"with padding {self.padding} and dilation {self.dilation}")
         xp = get_array_module(x)
-        C, (kh, kw), (dh, dw) = self.in_channels, self.kernel_size, self.dilation
+        C = self.in_channels
         path = self.choose_algorithm(x.shape[2], x.shape[3], Ho, Wo)
         if path in ("pointwise", "im2col"):
             if path == "pointwise":
@@ -109,15 +119,12 @@ class Conv2d(Module):
             out = (self.weight.data.reshape(F, -1) @ cols).reshape(N, F, Ho, Wo)     # already NCHW
             self.saved = cols
         elif path == "kn2row":
-            xpad = pad2d(x, self.padding)
-            Hp, Wp = xpad.shape[2:]
-            w_taps = self.weight.data.transpose(2, 3, 0, 1).reshape(kh * kw * F, C)
-            Y = (w_taps @ xpad.reshape(N, C, Hp * Wp)).reshape(N, kh * kw, F, Hp, Wp)
-            out = Y[:, 0, :, :Ho, :Wo].copy()                  # tap (0, 0); tap (i, j) is shifted by (i*dh, j*dw)
-            for t in range(1, kh * kw):
-                i, j = divmod(t, kw)
-                out += Y[:, t, :, i * dh:i * dh + Ho, j * dw:j * dw + Wo]
-            self.saved = xpad
+            taps, w_taps = self._used_taps(x.shape[2:], (Ho, Wo))
+            Y = (w_taps.reshape(-1, C) @ x.reshape(N, C, -1)).reshape(N, len(taps), F, *x.shape[2:])
+            out = xp.zeros((N, F, Ho, Wo), dtype=x.dtype)
+            for t, (_, _, (oy, ox), (iy, ix)) in enumerate(taps):
+                out[:, :, oy, ox] += Y[:, t, :, iy, ix]          # tap t's block, shifted by its offset
+            self.saved = x
         else:  # "taps"
             w_taps = xp.ascontiguousarray(self.weight.data.transpose(2, 3, 0, 1))  # (kh, kw, F, C)
             out = xp.zeros((N, F, Ho, Wo), dtype=x.dtype)
@@ -135,7 +142,7 @@ class Conv2d(Module):
         self._need(self.saved)
         xp = get_array_module(dout)
         N, F, Ho, Wo = dout.shape
-        C, (kh, kw), (dh, dw), (ph, pw) = self.in_channels, self.kernel_size, self.dilation, self.padding
+        C, (kh, kw) = self.in_channels, self.kernel_size
         if self.bias is not None:
             self.bias.grad += dout.sum(axis=(0, 2, 3))      # dL/db = sum of dout over batch and pixels
         if self.path in ("pointwise", "im2col"):
@@ -152,19 +159,18 @@ class Conv2d(Module):
             return dx
         H, W = self.x_shape[2:]
         if self.path == "kn2row":
-            xpad = self.saved
-            Hp, Wp = xpad.shape[2:]
-            # D[f, tap (i, j)] = dout[f] shifted by (i*dh, j*dw) on the padded grid (zero elsewhere)
-            D = xp.zeros((N, F, kh * kw, Hp, Wp), dtype=dout.dtype)
-            for t in range(kh * kw):
-                i, j = divmod(t, kw)
-                D[:, :, t, i * dh:i * dh + Ho, j * dw:j * dw + Wo] = dout
-            D = D.reshape(N, F * kh * kw, Hp * Wp)
-            # dL/dW[f, c, tap] = sum over pixels of D[f, tap] · xpad[c] ;  dL/dxpad = W^T · D (flipped-kernel correlation)
-            G = xp.matmul(D, xpad.reshape(N, C, Hp * Wp).transpose(0, 2, 1)).sum(axis=0)   # (F*kh*kw, C)
-            self.weight.grad += G.reshape(F, kh, kw, C).transpose(0, 3, 1, 2)
-            dxpad = (self.weight.data.transpose(1, 0, 2, 3).reshape(C, F * kh * kw) @ D).reshape(N, C, Hp, Wp)
-            return xp.ascontiguousarray(dxpad[:, :, ph:ph + H, pw:pw + W])
+            x = self.saved
+            taps, w_taps = self._used_taps((H, W), (Ho, Wo))
+            # D[tap t] = dout moved to the input pixels tap t read (zero where it read padding)
+            D = xp.zeros((N, len(taps), F, H, W), dtype=dout.dtype)
+            for t, (_, _, (oy, ox), (iy, ix)) in enumerate(taps):
+                D[:, t, :, iy, ix] = dout[:, :, oy, ox]
+            D = D.reshape(N, len(taps) * F, H * W)
+            # dL/dW_tap = D_tap · x^T ;  dL/dx = W_taps^T · D (the correlation with the flipped kernel)
+            G = xp.matmul(D, x.reshape(N, C, H * W).transpose(0, 2, 1)).sum(axis=0).reshape(len(taps), F, C)
+            for t, (i, j, _, _) in enumerate(taps):
+                self.weight.grad[:, :, i, j] += G[t]
+            return (w_taps.reshape(-1, C).T @ D).reshape(N, C, H, W)
         # "taps": per tap, dL/dW_tap = dout_rect · x_rect^T and dL/dx_rect += W_tap^T · dout_rect
         x = self.saved
         w_taps_t = xp.ascontiguousarray(self.weight.data.transpose(2, 3, 1, 0))   # (kh, kw, C, F)
