@@ -97,9 +97,11 @@ class Conv2d(Module):
     def _used_taps(self, in_hw, out_hw):
         """The taps that read real input (``valid_taps``) and their weights stacked as (T, F, C)."""
         taps = list(valid_taps(self.kernel_size, self.padding, self.dilation, in_hw, out_hw))
+        xp, w = get_array_module(self.weight.data), self.weight.data
+        if not taps:                          # every output reads only padding
+            return taps, xp.zeros((0, *w.shape[:2]), dtype=w.dtype)
         rows, cols = [t[0] for t in taps], [t[1] for t in taps]
-        xp = get_array_module(self.weight.data)
-        return taps, xp.ascontiguousarray(self.weight.data[:, :, rows, cols].transpose(2, 0, 1))
+        return taps, xp.ascontiguousarray(w[:, :, rows, cols].transpose(2, 0, 1))
 
     def forward(self, x):
         check_input("Conv2d", x, self.in_channels)
