@@ -34,8 +34,8 @@ class BatchNorm2d(Module):
         self.register_buffer("running_mean", np.zeros(num_features, dtype=dtype))
         self.register_buffer("running_var", np.ones(num_features, dtype=dtype))
         self.register_buffer("num_batches_tracked", np.zeros((), dtype=np.int64))
-        self.xhat = None       # normalized input (N, C, H, W), kept by a training-mode forward
-        self.x = None          # the input, kept by an eval-mode forward instead (xhat is rebuilt in backward)
+        self.centered = None   # x - batch mean (N, C, H, W), kept by a training-mode forward (xhat = centered * inv_std)
+        self.x = None          # the input, kept by an eval-mode forward instead (centered is rebuilt in backward)
         self.inv_std = None    # 1 / sqrt(var + eps), shape (C,)
         self.batch_stats = None  # whether forward used batch statistics (train) or running ones (eval)
 
@@ -45,10 +45,10 @@ class BatchNorm2d(Module):
         xp = get_array_module(x)
         n = x.shape[0] * x.shape[2] * x.shape[3]
         if not self.training:
-            # eval: a per-channel affine map of x; xhat is only needed (and rebuilt from x) in backward
+            # eval: a per-channel affine map of x; the centred input is only needed (and rebuilt) in backward
             inv_std = 1.0 / xp.sqrt(self.running_var + self.eps)
             scale = inv_std * self.weight.data if self.affine else inv_std
-            self.x, self.xhat, self.inv_std, self.batch_stats = x, None, inv_std, False
+            self.x, self.centered, self.inv_std, self.batch_stats = x, None, inv_std, False
             shift = -self.running_mean * scale + (self.bias.data if self.affine else 0)
             out = x * scale[:, None, None]
             out += shift[:, None, None]
@@ -58,33 +58,33 @@ class BatchNorm2d(Module):
                              f"{tuple(x.shape)} (N*H*W = {n}); use a batch of at least 2 or call .eval()")
         # Per-channel sums as BLAS products (x viewed as (N, C, H*W): a view also for a channel-prefix view
         # of a dense block's buffer): one read of x each, no temporaries. Two passes (mean, then the
-        # centred squares) keep the variance accurate in float32.
+        # centred squares) keep the variance accurate in float32. xhat = centered * inv_std is never
+        # materialised: out = centered * (gamma * inv_std) + beta, and backward folds inv_std into its constants.
         mean = channel_sum(x) / n
-        xhat = x - mean[:, None, None]                     # fresh array: centred now, normalised in place below
-        var = channel_sum(xhat, xhat) / n
+        centered = x - mean[:, None, None]
+        var = channel_sum(centered, centered) / n
         m = self.momentum
         self.running_mean[...] = (1 - m) * self.running_mean + m * mean
         self.running_var[...] = (1 - m) * self.running_var + m * var * (n / (n - 1))
         self.num_batches_tracked += 1
         inv_std = 1.0 / xp.sqrt(var + self.eps)
-        xhat *= inv_std[:, None, None]
-        self.x, self.xhat, self.inv_std, self.batch_stats = None, xhat, inv_std, True
-        if not self.affine:
-            return xhat.copy()
-        out = xhat * self.weight.data[:, None, None]
-        out += self.bias.data[:, None, None]
+        self.x, self.centered, self.inv_std, self.batch_stats = None, centered, inv_std, True
+        out = centered * (inv_std * self.weight.data if self.affine else inv_std)[:, None, None]
+        if self.affine:
+            out += self.bias.data[:, None, None]
         return out
 
     def backward(self, dout):
         self._need(self.inv_std)
-        xhat, inv_std = self.xhat, self.inv_std
-        if xhat is None:                                   # eval forward kept x, not xhat
-            xhat = (self.x - self.running_mean[:, None, None]) * inv_std[:, None, None]
+        centered, inv_std = self.centered, self.inv_std
+        if centered is None:                               # eval forward kept x
+            centered = self.x - self.running_mean[:, None, None]
         n = dout.shape[0] * dout.shape[2] * dout.shape[3]
-        sum_d, sum_dx = channel_sum(dout), channel_sum(dout, xhat)
+        # sum dout * xhat, with xhat = centered * inv_std
+        sum_d, sum_dxhat = channel_sum(dout), channel_sum(dout, centered) * inv_std
         if self.affine:
             # dL/dgamma = sum dout * xhat ; dL/dbeta = sum dout
-            self.weight.grad += sum_dx
+            self.weight.grad += sum_dxhat
             self.bias.grad += sum_d
             scale = self.weight.data * inv_std
         else:
@@ -93,14 +93,14 @@ class BatchNorm2d(Module):
             # eval: statistics are constants, so dL/dx = dout * gamma / sqrt(var + eps)
             return dout * scale[:, None, None]
         # train: dL/dx = gamma/sigma * (dout - mean(dout) - xhat * mean(dout * xhat)), means over (N, H, W)
-        dx = xhat * (sum_dx / n)[:, None, None]
+        dx = centered * (inv_std * sum_dxhat / n)[:, None, None]
         dx += (sum_d / n)[:, None, None]
         get_array_module(dx).subtract(dout, dx, out=dx)
         dx *= scale[:, None, None]
         return dx
 
     def _clear_cache(self):
-        self.x = self.xhat = self.inv_std = None
+        self.x = self.centered = self.inv_std = None
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
