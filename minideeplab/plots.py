@@ -43,7 +43,9 @@ def plot_curves(history: list, path) -> Path:
         ax_iou.plot(epochs, [row[key] for row in history], marker="o", label=label)
     ax_loss.set(title="loss", xlabel="epoch")
     ax_iou.set(title="IoU", xlabel="epoch", ylim=(0, 1))
+    from matplotlib.ticker import MaxNLocator
     for ax in (ax_loss, ax_iou):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
