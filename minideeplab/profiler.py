@@ -21,7 +21,7 @@ from .nn import conv as conv_module
 
 CATEGORIES = {"Conv2d": "conv", "BatchNorm2d": "batch norm", "ReLU": "relu", "MaxPool2d": "pooling",
               "AvgPool2d": "pooling", "AdaptiveAvgPool2d": "pooling", "Upsample": "resize", "Concat": "concat",
-              "Dropout": "dropout", "Identity": "other", "Sigmoid": "other"}
+              "Dropout": "dropout", "Identity": "identity", "Sigmoid": "sigmoid"}
 
 
 class TypeProfiler:
