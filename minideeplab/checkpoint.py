@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .io import read_npz, write_npz
+from .io import load_model_and_meta, read_npz, write_npz
 
 CHECKPOINT_KIND = "minideeplab-train-checkpoint"
 _PREFIXES = ("model.", "optimizer.", "scheduler.", "extra.")
@@ -95,22 +95,5 @@ def load_model(path, device: str = "cpu"):
     Returns:
         ``(model, meta)``.
     """
-    from .models import DeepLabConfig, build_deeplab
-
-    arrays, meta = read_npz(path)
-    if meta.get("kind") == CHECKPOINT_KIND:
-        state = {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}
-    else:
-        state = arrays
-    if "model_config" not in meta and "config" not in meta:
-        raise ValueError(f"{str(path)!r} has no model config in its meta record; cannot rebuild the network")
-    try:
-        config = DeepLabConfig.from_dict(meta.get("model_config", meta.get("config")))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{str(path)!r}: invalid model config ({e})") from None
-    model = build_deeplab(config, rng=np.random.default_rng(0))
-    try:
-        model.load_state_dict(state)
-    except ValueError as e:
-        raise ValueError(f"{str(path)!r} does not match the model its config describes: {str(e)[:300]}") from None
+    model, meta = load_model_and_meta(path)
     return model.to(device).eval(), meta

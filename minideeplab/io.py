@@ -166,24 +166,38 @@ def load_model(path, dtype=None):
     """Rebuild the network described by a checkpoint's config and load its weights.
 
     Args:
-        path: a file written by ``save``.
+        path: a file written by ``save``, or a training checkpoint (``minideeplab.checkpoint``), whose weights
+            are stored under ``model.`` with the config as ``model_config``.
         dtype: parameter dtype (default: the dtype the checkpoint was saved in).
     """
+    return load_model_and_meta(path, dtype)[0]
+
+
+def load_model_and_meta(path, dtype=None):
+    """``load_model`` that also returns the checkpoint's meta record: ``(model, meta)``."""
     from .models import DeepLabConfig, build_deeplab
 
     arrays, meta = read_npz(path)
-    if not meta.get("config"):
+    if meta.get("model_config"):      # a training checkpoint: model, optimizer, ... under prefixes
+        arrays = {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}
+    config_dict = meta.get("model_config") or meta.get("config")
+    if not config_dict:
         raise ValueError(f"load_model: checkpoint {os.fspath(path)!r} has no model config in its meta record "
                          "(build the model yourself and use load(model, path))")
-    config = DeepLabConfig.from_dict(meta["config"])
-    dtype = np.dtype(dtype or meta.get("dtype", "float32"))
+    try:
+        config = DeepLabConfig.from_dict(config_dict)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"load_model: checkpoint {os.fspath(path)!r} has an invalid model config ({e})") from None
+    if dtype is None:   # the dtype the weights were saved in
+        dtype = meta.get("dtype") or next((a.dtype for a in arrays.values() if a.dtype.kind == "f"), "float32")
+    dtype = np.dtype(dtype)
     model = build_deeplab(config, rng=np.random.default_rng(0), dtype=dtype)
     problems = _state_mismatches(model.state_dict(), arrays)
     if problems:
         raise ValueError(f"load_model: checkpoint {os.fspath(path)!r} does not match its own config: "
                          + "; ".join(problems))
     model.load_state_dict(arrays, strict=True)
-    return model
+    return model, meta
 
 
 # torchvision's old checkpoints name the dense-layer modules 'norm.1', 'relu.1', 'conv.1', 'norm.2', ... (dots

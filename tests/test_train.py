@@ -5,6 +5,7 @@ import signal
 import numpy as np
 import pytest
 
+from minideeplab import io
 from minideeplab.checkpoint import CHECKPOINT_KIND, load_checkpoint, load_model
 from minideeplab.train import TrainConfig, Trainer
 
@@ -57,6 +58,10 @@ def test_run_folder_contents_and_checkpoint(tmp_path):
     assert int(ckpt.optimizer_state["steps"]) == 6 and int(ckpt.scheduler_state["last_step"]) == 6
     model, _ = load_model(tmp_path / "best.npz")
     assert not model.training
+    # the weights-only loader reads training checkpoints too (one loader, two entry points)
+    plain = io.load_model(tmp_path / "last.npz")
+    for k, v in trainer.model.state_dict().items():
+        np.testing.assert_array_equal(plain.state_dict()[k], v)
 
 
 def _uninterrupted():
