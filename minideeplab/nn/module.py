@@ -219,16 +219,17 @@ class Module:
         return "\n".join(lines)
 
 
-class Sequential(Module):
-    """Children run in order; backward runs them in reverse.
+class ModuleList(Module):
+    """A list of submodules named "0", "1", ... (for parallel branches; it has no forward of its own)."""
 
-    Shapes: whatever the children accept and return.
-    """
-
-    def __init__(self, *modules: Module):
+    def __init__(self, modules=()):
         super().__init__()
-        for i, m in enumerate(modules):
-            self.add_module(str(i), m)
+        for m in modules:
+            self.append(m)
+
+    def append(self, module: Module) -> "ModuleList":
+        self.add_module(str(len(self._modules)), module)
+        return self
 
     def __len__(self) -> int:
         return len(self._modules)
@@ -238,6 +239,16 @@ class Sequential(Module):
 
     def __iter__(self):
         return iter(self._modules.values())
+
+
+class Sequential(ModuleList):
+    """Children run in order; backward runs them in reverse.
+
+    Shapes: whatever the children accept and return.
+    """
+
+    def __init__(self, *modules: Module):
+        super().__init__(modules)
 
     def forward(self, x):
         for m in self._modules.values():
@@ -260,24 +271,3 @@ class Identity(Module):
     def backward(self, dout):
         return dout
 
-
-class ModuleList(Module):
-    """A list of submodules named "0", "1", ... (for parallel branches; it has no forward of its own)."""
-
-    def __init__(self, modules=()):
-        super().__init__()
-        for m in modules:
-            self.append(m)
-
-    def append(self, module: Module) -> "ModuleList":
-        self.add_module(str(len(self._modules)), module)
-        return self
-
-    def __len__(self) -> int:
-        return len(self._modules)
-
-    def __getitem__(self, i: int) -> Module:
-        return list(self._modules.values())[i]
-
-    def __iter__(self):
-        return iter(self._modules.values())
