@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import get_array_module
-
 from .module import Module
 
 

@@ -7,7 +7,7 @@ arrays (NumPy or CuPy); ``to("cuda")`` moves them and the arrays decide the back
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -71,7 +71,7 @@ class Module:
         self._buffer_names.add(name)
         setattr(self, name, array)
 
-    def add_module(self, name: str, module: "Module") -> None:
+    def add_module(self, name: str, module: Module) -> None:
         setattr(self, name, module)
 
     # -- traversal ----------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ class Module:
     def children(self):
         return iter(self._modules.values())
 
-    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
         yield prefix, self
         for name, child in self._modules.items():
             yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
@@ -105,7 +105,7 @@ class Module:
                 yield (f"{mod_name}.{name}" if mod_name else name), b
 
     # -- state --------------------------------------------------------------------------------------
-    def state_dict(self) -> "OrderedDict[str, object]":
+    def state_dict(self) -> OrderedDict[str, object]:
         """Parameters and buffers by dotted name, in definition order (arrays are references, not copies)."""
         out = OrderedDict()
         for mod_name, mod in self.named_modules():
@@ -146,19 +146,19 @@ class Module:
                     b[...] = xp.asarray(to_device(state[pre + name], device_of(b)), dtype=b.dtype)
 
     # -- modes, gradients, devices ------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "Module":
+    def train(self, mode: bool = True) -> Module:
         for m in self.modules():
             object.__setattr__(m, "training", mode)
         return self
 
-    def eval(self) -> "Module":
+    def eval(self) -> Module:
         return self.train(False)
 
     def zero_grad(self) -> None:
         for p in self.parameters():
             p.zero_grad()
 
-    def _apply(self, fn) -> "Module":
+    def _apply(self, fn) -> Module:
         for m in self.modules():
             for p in m._parameters.values():
                 p.data, p.grad = fn(p.data), fn(p.grad)
@@ -169,7 +169,7 @@ class Module:
             m._clear_cache()
         return self
 
-    def to(self, device_or_dtype) -> "Module":
+    def to(self, device_or_dtype) -> Module:
         """Move to ``"cpu"``/``"cuda"``, or cast floating arrays to a dtype (``np.float64``)."""
         if isinstance(device_or_dtype, str) and device_or_dtype in ("cpu", "cuda"):
             device = check_device(device_or_dtype)
@@ -179,10 +179,10 @@ class Module:
             raise TypeError(f"{type(self).__name__}.to: expected 'cpu', 'cuda' or a float dtype, got {device_or_dtype!r}")
         return self._apply(lambda a: a.astype(dtype) if a.dtype.kind == "f" else a)
 
-    def double(self) -> "Module":
+    def double(self) -> Module:
         return self.to(np.float64)
 
-    def float(self) -> "Module":
+    def float(self) -> Module:
         return self.to(np.float32)
 
     def _clear_cache(self) -> None:
@@ -227,7 +227,7 @@ class ModuleList(Module):
         for m in modules:
             self.append(m)
 
-    def append(self, module: Module) -> "ModuleList":
+    def append(self, module: Module) -> ModuleList:
         self.add_module(str(len(self._modules)), module)
         return self
 
