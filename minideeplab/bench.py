@@ -76,15 +76,13 @@ def conv_flops(N, C, F, k, stride, padding, dilation, H, W=None) -> int:
 
 
 def write_json(path: str, obj) -> None:
-    """Atomic write: a temp file in the same folder, then os.replace."""
+    """Atomic write (see ``write_text``), creating the folder."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def write_text(path: str, text: str) -> None:
+    """Atomic write: a temp file in the same folder, then os.replace."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
@@ -163,13 +161,7 @@ def run_phase(spec: dict) -> dict:
 
     def eval_step():
         model(x)
-    result = {}
-    if spec["mode"] == "eval":
-        model.eval()
-        step = eval_step
-    else:
-        model.train()
-        step = train_step
+    step = _select_step(spec["mode"], model, eval_step, train_step)
     if spec["mode"] == "profile":
         from .profiler import TypeProfiler, conv_gemm_shapes, gemm_reference
         step()                                   # warm-up, unprofiled
@@ -183,7 +175,7 @@ def run_phase(spec: dict) -> dict:
             for key, (conv, t_fwd, t_bwd) in profiler.per_conv.items():
                 conv_best[key] = (conv, min(t_fwd + t_bwd, conv_best.get(key, (None, float("inf")))[1]))
         profiler.detach()
-        result["step_s"], result["profile"] = best
+        result = {"step_s": best[0], "profile": best[1]}
         ref = gemm_reference([c for c, _ in conv_best.values()], sync=cuda)
         groups = {}
         for conv, t in conv_best.values():
@@ -195,13 +187,24 @@ def run_phase(spec: dict) -> dict:
             g["matmul_s"] += ref[(Nn, F, K, P)]
         result["gemm"] = groups
         return result
-    with limit_threads(spec["threads"]):
-        step()                                   # first run: allocations, before the peak reset
-        result["rss_before_mib"] = peak_rss_mib()
-        result["rss_reset"] = reset_peak_rss()
-        result["cpu_s"] = []
-        result["times_s"] = sample_times(step, spec["repeats"], spec["warmup"], sync, result["cpu_s"])
-        result["peak_rss_mib"] = peak_rss_mib()
+    return _measure(step, spec, sync)     # the threads are limited by _child, around the whole phase
+
+
+def _select_step(mode: str, model, eval_step, train_step):
+    """The step of ``mode`` ("eval" or "train"/"profile"), with ``model`` put in the matching mode."""
+    if mode == "eval":
+        model.eval()
+        return eval_step
+    model.train()
+    return train_step
+
+
+def _measure(step, spec: dict, sync) -> dict:
+    """One untimed first run (allocations, before the peak-RSS reset), then the timed runs and the peak RSS."""
+    step()
+    result = {"rss_before_mib": peak_rss_mib(), "rss_reset": reset_peak_rss(), "cpu_s": []}
+    result["times_s"] = sample_times(step, spec["repeats"], spec["warmup"], sync, result["cpu_s"])
+    result["peak_rss_mib"] = peak_rss_mib()
     return result
 
 
@@ -230,19 +233,8 @@ def _run_torch_phase(spec, model, x, target) -> dict:
     def eval_step():
         with torch.no_grad():
             tmodel(tx)
-    if spec["mode"] == "eval":
-        tmodel.eval()
-        step = eval_step
-    else:
-        tmodel.train()
-        step = train_step
-    result = {"torch": torch.__version__}
-    step()
-    result["rss_before_mib"] = peak_rss_mib()
-    result["rss_reset"] = reset_peak_rss()
-    result["cpu_s"] = []
-    result["times_s"] = sample_times(step, spec["repeats"], spec["warmup"], sync, result["cpu_s"])
-    result["peak_rss_mib"] = peak_rss_mib()
+    step = _select_step(spec["mode"], tmodel, eval_step, train_step)
+    result = {"torch": torch.__version__, **_measure(step, spec, sync)}
     if dev == "cuda":
         result["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         result["gpu"] = torch.cuda.get_device_name()
