@@ -23,12 +23,15 @@ CONFIGS = [  # kernel, stride, padding, dilation, input (N, C, H, W)
 IDS = [f"k{k[0]}x{k[1]}_s{s[0]}x{s[1]}_p{p[0]}x{p[1]}_d{d[0]}x{d[1]}" for k, s, p, d, _ in CONFIGS]
 
 
-def naive_im2col(x, k, s, p, d):
-    """Written from the definition, loops over everything: cols[n, (c, i, j), (oh, ow)] = xpad[n, c, ...]."""
-    N, C, H, W = x.shape
-    Ho = (H + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
-    Wo = (W + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
-    cols = np.zeros((N, C * k[0] * k[1], Ho * Wo))
+def expected_size(n, k, s, p, d):
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1   # floor division == floor for the positive numerator here
+
+
+def naive_pairs(shape, k, s, p, d):
+    """Written from the definition, loops over everything: each (column entry, input pixel) pair that
+    im2col copies, as ``(n, row, col), (n, c, h, w)`` with row = (c, i, j) and col = (oh, ow) flattened."""
+    N, C, H, W = shape
+    Ho, Wo = expected_size(H, k[0], s[0], p[0], d[0]), expected_size(W, k[1], s[1], p[1], d[1])
     for n in range(N):
         for c in range(C):
             for i in range(k[0]):
@@ -39,26 +42,27 @@ def naive_im2col(x, k, s, p, d):
                             h = oh * s[0] - p[0] + i * d[0]   # position in the unpadded input
                             w = ow * s[1] - p[1] + j * d[1]
                             if 0 <= h < H and 0 <= w < W:
-                                cols[n, row, oh * Wo + ow] = x[n, c, h, w]
+                                yield (n, row, oh * Wo + ow), (n, c, h, w)
+
+
+def naive_cols_shape(shape, k, s, p, d):
+    N, C, H, W = shape
+    return N, C * k[0] * k[1], expected_size(H, k[0], s[0], p[0], d[0]) * expected_size(W, k[1], s[1], p[1], d[1])
+
+
+def naive_im2col(x, k, s, p, d):
+    """cols[n, (c, i, j), (oh, ow)] = xpad[n, c, ...]: padding reads as zero."""
+    cols = np.zeros(naive_cols_shape(x.shape, k, s, p, d))
+    for col, pixel in naive_pairs(x.shape, k, s, p, d):
+        cols[col] = x[pixel]
     return cols
 
 
 def naive_col2im(cols, shape, k, s, p, d):
-    N, C, H, W = shape
-    Ho = (H + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
-    Wo = (W + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    """Each column entry added back onto the pixel it was read from (entries read from padding dropped)."""
     dx = np.zeros(shape)
-    for n in range(N):
-        for c in range(C):
-            for i in range(k[0]):
-                for j in range(k[1]):
-                    row = (c * k[0] + i) * k[1] + j
-                    for oh in range(Ho):
-                        for ow in range(Wo):
-                            h = oh * s[0] - p[0] + i * d[0]
-                            w = ow * s[1] - p[1] + j * d[1]
-                            if 0 <= h < H and 0 <= w < W:
-                                dx[n, c, h, w] += cols[n, row, oh * Wo + ow]
+    for col, pixel in naive_pairs(shape, k, s, p, d):
+        dx[pixel] += cols[col]
     return dx
 
 
@@ -73,8 +77,7 @@ def test_im2col_matches_naive_loop(k, s, p, d, shape, xp, rng):
 
 @pytest.mark.parametrize("k,s,p,d,shape", CONFIGS, ids=IDS)
 def test_col2im_matches_naive_loop(k, s, p, d, shape, xp, rng):
-    cols_shape = naive_im2col(np.zeros(shape), k, s, p, d).shape
-    cols = rng.standard_normal(cols_shape)
+    cols = rng.standard_normal(naive_cols_shape(shape, k, s, p, d))
     got = to_numpy(col2im(xp.asarray(cols), shape, k, s, p, d))
     want = naive_col2im(cols, shape, k, s, p, d)
     assert got.shape == tuple(shape)
@@ -96,10 +99,6 @@ def test_im2col_float32_keeps_dtype(xp, rng):
     x = xp.asarray(rng.standard_normal((1, 2, 5, 5)).astype(np.float32))
     assert im2col(x, 3, 1, 1).dtype == np.float32
     assert col2im(im2col(x, 3, 1, 1), x.shape, 3, 1, 1).dtype == np.float32
-
-
-def expected_size(n, k, s, p, d):
-    return (n + 2 * p - d * (k - 1) - 1) // s + 1   # floor division == floor for the positive numerator here
 
 
 geometry = st.tuples(st.integers(1, 7), st.integers(1, 4), st.integers(0, 6), st.integers(1, 6),  # k, s, p, d
