@@ -76,15 +76,21 @@ def _resume_and_finish(path):
     return _weights(resumed), resumed.history
 
 
+def _interrupt_then_resume(trainer, counters):
+    """``trainer.fit()`` must raise KeyboardInterrupt after saving ``last.npz`` at ``counters`` = (epoch,
+    step_in_epoch, global_step); returns that checkpoint's meta and (weights, history) of the run resumed from it."""
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    meta = load_checkpoint(trainer.out_dir / "last.npz").meta
+    assert (meta["epoch"], meta["step_in_epoch"], meta["global_step"]) == counters
+    return meta, _resume_and_finish(trainer.out_dir / "last.npz")
+
+
 def test_resume_after_stop_is_bit_identical(tmp_path):
     reference, ref_history = _uninterrupted()
     trainer = Trainer(TrainConfig(**TINY), out_dir=tmp_path, progress=False, figures=False)
     trainer.on_step_end = lambda t: t.request_stop() if t.global_step == 2 else None   # mid-epoch 1
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
-    meta = load_checkpoint(tmp_path / "last.npz").meta
-    assert (meta["epoch"], meta["step_in_epoch"], meta["global_step"]) == (0, 2, 2)
-    weights, history = _resume_and_finish(tmp_path / "last.npz")
+    _, (weights, history) = _interrupt_then_resume(trainer, (0, 2, 2))
     _assert_bit_identical(reference, weights)
     assert [r["train_loss"] for r in history] == [r["train_loss"] for r in ref_history]
 
@@ -103,11 +109,7 @@ def test_ctrl_c_inside_a_step_saves_the_clean_state(tmp_path):
             raise KeyboardInterrupt
         return original(x)
     head.forward = forward
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
-    meta = load_checkpoint(tmp_path / "last.npz").meta
-    assert (meta["epoch"], meta["step_in_epoch"], meta["global_step"]) == (1, 1, 4)
-    weights, _ = _resume_and_finish(tmp_path / "last.npz")
+    _, (weights, _) = _interrupt_then_resume(trainer, (1, 1, 4))
     _assert_bit_identical(reference, weights)
 
 
@@ -116,12 +118,9 @@ def test_sigint_stops_after_the_step_and_saves(tmp_path):
     reference, _ = _uninterrupted()
     trainer = Trainer(TrainConfig(**TINY), out_dir=tmp_path, progress=False, figures=False)
     trainer.on_step_end = lambda t: signal.raise_signal(signal.SIGINT) if t.global_step == 3 else None
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
+    meta, (weights, _) = _interrupt_then_resume(trainer, (0, 3, 3))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler    # handler restored
-    meta = load_checkpoint(tmp_path / "last.npz").meta
-    assert (meta["epoch"], meta["step_in_epoch"], meta["global_step"]) == (0, 3, 3) and meta["history"] == []
-    weights, _ = _resume_and_finish(tmp_path / "last.npz")
+    assert meta["history"] == []
     _assert_bit_identical(reference, weights)
 
 
