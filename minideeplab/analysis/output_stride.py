@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .graph import trace
+from .graph import Graph, trace
 from .receptive_field import receptive_field
 
 
@@ -24,7 +24,10 @@ class OSRow:
 def count_macs(model, input_size, under: str | None = None) -> int:
     """Multiply-adds of every Conv2d for one image of size ``input_size``: C_in * k_h * k_w * C_out * H_o * W_o
     per convolution (the GEMM of im2col), optionally only for modules whose name starts with ``under``."""
-    graph = trace(model, input_size)
+    return _conv_macs(trace(model, input_size), under)
+
+
+def _conv_macs(graph: Graph, under: str | None = None) -> int:
     total = 0
     for n in graph.nodes:
         if n.kind == "conv" and (under is None or n.name == under or n.name.startswith(under + ".")):
@@ -75,6 +78,6 @@ def output_stride_table(model_builder, input_size, output_strides=(32, 16, 8), b
         model = model_builder(os_)
         table = receptive_field(model, input_size)
         feat = table.at(backbone)
-        rows.append(OSRow(os_, feat.size, feat.rf, feat.jump, count_macs(model, input_size, backbone or None),
-                          count_macs(model, input_size), count_params(model)))
+        rows.append(OSRow(os_, feat.size, feat.rf, feat.jump, _conv_macs(table.graph, backbone or None),
+                          _conv_macs(table.graph), count_params(model)))   # one trace serves the table and the MACs
     return rows
