@@ -83,7 +83,6 @@ def trace(model, input_size) -> Graph:
     size = pair(input_size, "input_size")
     graph = Graph(size)
     out = _walk(model, "", 0, graph)
-    graph.marks[""] = out
     if out != len(graph.nodes) - 1:      # a model that ends in pointwise layers: make the output explicit
         graph.add(Node("output", "join", (out,), graph.size(out)))
     return graph
