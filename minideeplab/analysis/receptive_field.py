@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import get_array_module, to_numpy
+from ..nn.functional import pair
 from ..nn.resize import bilinear_matrix
 from .graph import Graph, trace
 
@@ -198,12 +199,18 @@ def receptive_field_region(model, input_size, position=None) -> RFRegion:
         ``RFRegion`` with the per-axis masks and the bounding box.
     """
     graph = trace(model, input_size)
-    Ho, Wo = graph.nodes[-1].size
-    position = (Ho // 2, Wo // 2) if position is None else tuple(int(v) for v in position)
-    if not (0 <= position[0] < Ho and 0 <= position[1] < Wo):
-        raise ValueError(f"receptive_field_region: position {position} is outside the {Ho}x{Wo} output map")
+    position = _output_position("receptive_field_region", position, graph.nodes[-1].size)
     masks = [_axis_region(graph, a, position[a]) for a in (0, 1)]
     return RFRegion(position, masks[0], masks[1])
+
+
+def _output_position(caller: str, position, output_size) -> tuple:
+    """``position`` as ints (default: the centre of the output map), or a ValueError when it lies outside."""
+    Ho, Wo = output_size
+    position = (Ho // 2, Wo // 2) if position is None else tuple(int(v) for v in position)
+    if not (0 <= position[0] < Ho and 0 <= position[1] < Wo):
+        raise ValueError(f"{caller}: position {position} is outside the {Ho}x{Wo} output map")
+    return position
 
 
 def _axis_region(graph: Graph, axis: int, pos: int) -> np.ndarray:
@@ -270,7 +277,7 @@ def empirical_receptive_field(model, input_size, position=None, x=None, channel=
         first = next((m for m in model.modules() if hasattr(m, "in_channels")), None)
         if first is None or not params:
             raise ValueError("empirical_receptive_field: give x: the model has no Conv2d to infer input channels")
-        H, W = (input_size, input_size) if np.isscalar(input_size) else tuple(input_size)
+        H, W = pair(input_size, "input_size")
         rng = rng if rng is not None else np.random.default_rng(0)
         xp = get_array_module(params[0].data)
         x = xp.asarray(rng.standard_normal((1, first.in_channels, H, W)), dtype=params[0].data.dtype)
@@ -280,9 +287,7 @@ def empirical_receptive_field(model, input_size, position=None, x=None, channel=
     saved = [p.grad.copy() for p in params]
     out = model(x)
     Ho, Wo = out.shape[2:]
-    position = (Ho // 2, Wo // 2) if position is None else tuple(int(v) for v in position)
-    if not (0 <= position[0] < Ho and 0 <= position[1] < Wo):
-        raise ValueError(f"empirical_receptive_field: position {position} is outside the {Ho}x{Wo} output map")
+    position = _output_position("empirical_receptive_field", position, (Ho, Wo))
     dout = xp.zeros_like(out)
     dout[0, slice(None) if channel is None else channel, position[0], position[1]] = 1.0
     dx = model.backward(dout)
