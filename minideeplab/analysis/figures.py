@@ -40,7 +40,7 @@ def save_figure(fig: Figure, path, dpi: int = 110) -> str:
 
 def valid_weights_figure(feature_size: int = 65, kernel_size: int = 3) -> Figure:
     """DeepLabV3's Figure 4: fraction of positions with 1, 4 or 9 valid weights of a 3x3 filter vs the rate."""
-    rates, curves = valid_weight_curves(feature_size, np.arange(1, feature_size + 1), kernel_size)
+    rates, curves = valid_weight_curves(feature_size, kernel_size=kernel_size)   # rates 1..S
     fig = Figure(figsize=(6, 3.6))
     ax = fig.add_subplot()
     for m, style in zip(curves, ("-", "--", ":")):
