@@ -118,6 +118,16 @@ def _state_mismatches(own: dict, arrays: dict) -> list[str]:
     return problems
 
 
+def _model_arrays_and_config(arrays: dict, meta: dict) -> tuple[dict, dict | None]:
+    """The model's state-dict arrays and config dict, from a ``save`` file or a training checkpoint (which stores
+    the weights under ``model.`` beside the optimizer's, and the config as ``model_config``)."""
+    from .checkpoint import CHECKPOINT_KIND  # lazy: checkpoint.py imports this module
+
+    if meta.get("kind") == CHECKPOINT_KIND:
+        return {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}, meta.get("model_config")
+    return arrays, meta.get("config")
+
+
 def save(model, path, meta: dict | None = None) -> None:
     """Save ``model``'s parameters and buffers to ``path`` (.npz, atomic), with its config in the meta record.
 
@@ -136,7 +146,7 @@ def save(model, path, meta: dict | None = None) -> None:
 
 
 def load(model, path, check_config: bool = True) -> dict:
-    """Load a checkpoint written by ``save`` into ``model`` (in place, onto its device and dtype).
+    """Load a file written by ``save``, or a training checkpoint, into ``model`` (in place, onto its device and dtype).
 
     Raises ``ValueError`` naming the file and the mismatching keys/shapes when the checkpoint comes from another
     architecture, and the differing config fields when it comes from another configuration (e.g. another output
@@ -147,8 +157,9 @@ def load(model, path, check_config: bool = True) -> dict:
         the checkpoint's meta dict.
     """
     arrays, meta = read_npz(path)
+    arrays, saved = _model_arrays_and_config(arrays, meta)
     problems = _state_mismatches(model.state_dict(), arrays)
-    config, saved = getattr(model, "config", None), meta.get("config")
+    config = getattr(model, "config", None)
     if check_config and hasattr(config, "to_dict") and isinstance(saved, dict):
         ours = config.to_dict()
         diff = [f"{k}: model {ours.get(k)!r} vs file {saved.get(k)!r}" for k in sorted(set(ours) | set(saved))
@@ -178,9 +189,7 @@ def load_model_and_meta(path, dtype=None):
     from .models import DeepLabConfig, build_deeplab
 
     arrays, meta = read_npz(path)
-    if meta.get("model_config"):      # a training checkpoint: model, optimizer, ... under prefixes
-        arrays = {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}
-    config_dict = meta.get("model_config") or meta.get("config")
+    arrays, config_dict = _model_arrays_and_config(arrays, meta)
     if not config_dict:
         raise ValueError(f"load_model: checkpoint {os.fspath(path)!r} has no model config in its meta record "
                          "(build the model yourself and use load(model, path))")

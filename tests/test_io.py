@@ -118,6 +118,23 @@ def test_load_other_output_stride_is_refused_unless_asked(tmp_path):
                                   small(16).backbone.features.conv0.weight.data)
 
 
+def test_load_reads_training_checkpoints(tmp_path):
+    # runs/*/best.npz is what training leaves behind: io.load must read it too, config check included
+    from minideeplab.checkpoint import save_checkpoint
+
+    trained = small(16, seed=5)
+    save_checkpoint(tmp_path / "best.npz", trained, meta={"epoch": 2}, extra={"epoch_order": np.arange(4)})
+    same = small(16, seed=6)
+    assert io.load(same, tmp_path / "best.npz")["epoch"] == 2
+    for k, v in trained.state_dict().items():
+        np.testing.assert_array_equal(same.state_dict()[k], v)
+    os8 = small(8, seed=3)
+    with pytest.raises(ValueError, match=r"best\.npz.*config differs \(output_stride: model 8 vs file 16\)"):
+        io.load(os8, tmp_path / "best.npz")
+    io.load(os8, tmp_path / "best.npz", check_config=False)
+    np.testing.assert_array_equal(os8.head.classifier.weight.data, trained.head.classifier.weight.data)
+
+
 def test_load_model_without_config(tmp_path):
     io.write_npz(tmp_path / "bare.npz", {"a": np.ones(2)}, {})
     with pytest.raises(ValueError, match=r"bare\.npz' has no model config"):
