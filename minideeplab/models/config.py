@@ -6,6 +6,11 @@ from dataclasses import asdict, dataclass, fields
 from .densenet import check_output_stride
 
 
+def default_rates(output_stride: int) -> tuple:
+    """DeepLabV3's atrous rates (6, 12, 18) at output stride 16, scaled by 16 / output_stride."""
+    return tuple(r * 16 // output_stride for r in (6, 12, 18))
+
+
 @dataclass
 class DeepLabConfig:
     """Architecture of a DeepLabV3 with a DenseNet backbone. Defaults: DenseNet-121, output stride 16.
@@ -39,9 +44,7 @@ class DeepLabConfig:
     @property
     def resolved_rates(self) -> tuple:
         """The atrous rates in use: ``rates``, or (6, 12, 18) scaled by 16 / output_stride."""
-        if self.rates is not None:
-            return self.rates
-        return tuple(r * 16 // self.output_stride for r in (6, 12, 18))
+        return self.rates if self.rates is not None else default_rates(self.output_stride)
 
     @classmethod
     def small(cls, **overrides) -> DeepLabConfig:

@@ -6,7 +6,7 @@ import numpy as np
 from ..nn import Conv2d, Module, Upsample, sigmoid
 from ..nn.functional import check_input
 from .aspp import ASPP
-from .config import DeepLabConfig
+from .config import DeepLabConfig, default_rates
 from .densenet import DenseNet, _Named, check_output_stride
 
 
@@ -41,7 +41,7 @@ class DeepLabV3(Module):
             raise ValueError(f"DeepLabV3: output_stride={output_stride} but the backbone was built with "
                              f"output_stride={backbone.output_stride}")
         rng = rng if rng is not None else np.random.default_rng()
-        rates = tuple(rates) if rates is not None else tuple(r * 16 // output_stride for r in (6, 12, 18))
+        rates = tuple(rates) if rates is not None else default_rates(output_stride)
         self.output_stride, self.rates, self.num_classes = output_stride, rates, int(num_classes)
         self.backbone = backbone
         self.head = _Named(aspp=ASPP(backbone.out_channels, aspp_channels, rates, dropout, rng=rng, dtype=dtype),
