@@ -44,8 +44,7 @@ def naive_backward(block, dout):
 
 
 def measure(fn):
-    tracemalloc.start()
-    tracemalloc.reset_peak()
+    tracemalloc.start()   # starts with a fresh peak
     t = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - t
@@ -55,7 +54,7 @@ def measure(fn):
 
 
 def run(layers=24, channels=256, size=28, batch=2, growth=32, bn_size=4, seed=0, repeats=2):
-    """Return a dict of measurements for both variants (used by the benchmark's printout and by the tests)."""
+    """Return a dict of measurements for both variants (``main`` prints them)."""
     rng = np.random.default_rng(seed)
     block = DenseBlock(layers, channels, bn_size, growth, rng=rng)
     x = rng.standard_normal((batch, channels, size, size)).astype(np.float32)
@@ -109,7 +108,7 @@ def main(argv=None):
               f"{r['seconds_forward_backward']:>10.3f}")
     same = np.allclose(res["buffer"]["dx"], res["naive"]["dx"], rtol=1e-4, atol=1e-5)
     print(f"dx of both variants agree: {same}")
-    print("The peaks are dominated by what each layer caches for its backward (BN's normalised prefix, the ReLU\n"
+    print("The peaks are dominated by what each layer caches for its backward (BN's centred prefix, the ReLU\n"
           "mask, the 3x3 conv's im2col columns), the same in both variants; the buffer removes the O(L^2)\n"
           "concatenation copies (first column) and the transient second copy of the features.")
 
