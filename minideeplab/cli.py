@@ -201,7 +201,7 @@ def cmd_predict(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for path, image in images:
-        mask = predict_probs(model, image, size or None, args.device) >= args.threshold
+        mask = predict_probs(model, image, size or None, args.device) > args.threshold   # as model.predict
         _write_png((mask * 255).astype(np.uint8), out / f"{path.stem}_mask.png")
         _write_png((overlay(image, mask) * 255).round().astype(np.uint8), out / f"{path.stem}_overlay.png")
         print(f"{path}: {image.shape[1]}x{image.shape[0]}, foreground {mask.mean():.1%} -> "

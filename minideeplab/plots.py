@@ -62,7 +62,7 @@ def plot_predictions(images, masks, probs, path, threshold: float = 0.5) -> Path
     axes = np.asarray(fig.subplots(n, 4, squeeze=False))
     for i in range(n):
         img = denormalize(images[i])
-        pred = np.asarray(probs[i, 0]) >= threshold
+        pred = np.asarray(probs[i, 0]) > threshold        # as model.predict and the metrics
         panels = [(img, "image"), (masks[i, 0], "ground truth"), (pred, "prediction"),
                   (overlay(img, pred), "overlay")]
         for ax, (panel, title) in zip(axes[i], panels):

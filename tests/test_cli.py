@@ -77,6 +77,26 @@ def test_predict_writes_mask_and_overlay_at_the_image_size(run_dir, tmp_path, ca
     assert "a.png" in capsys.readouterr().out
 
 
+def test_predict_threshold_is_strict_like_model_predict(run_dir, tmp_path):
+    """A pixel is foreground when its probability is > threshold (``DeepLabV3.predict``, ``ConfusionMeter``):
+    a saturated model (probability exactly 1.0) with --threshold 1 predicts no foreground."""
+    from minideeplab import io
+    from minideeplab.checkpoint import load_model
+    model, meta = load_model(run_dir / "last.npz")
+    classifier = model.head.classifier
+    classifier.weight.data[...] = 0
+    classifier.bias.data[...] = 50                      # sigmoid(50) is exactly 1.0 in float32
+    io.save(model, tmp_path / "saturated.npz", {"train_config": meta["train_config"]})
+    image = np.random.default_rng(3).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "s.png")
+    x = np.zeros((1, 3, 20, 24), np.float32)
+    assert not model.predict(x, threshold=1.0).any() and model.predict_proba(x).min() == 1.0
+    for size in ("0", "32"):       # at the image's own size, and resized from the network size
+        assert main(["predict", str(tmp_path / "saturated.npz"), str(tmp_path / "s.png"), "--out",
+                     str(tmp_path / size), "--threshold", "1", "--image-size", size]) == 0
+        assert not np.asarray(Image.open(tmp_path / size / "s_mask.png")).any()
+
+
 def test_resume_continues_the_run(run_dir, tmp_path, capsys):
     from minideeplab.train import TrainConfig, Trainer
     first = tmp_path / "first"
