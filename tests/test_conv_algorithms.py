@@ -1,8 +1,10 @@
 """The Conv2d speed paths agree with each other, also on the inputs the model feeds them (channel-prefix views)."""
 import numpy as np
 import pytest
+from test_gradcheck_layers import conv_algorithms
 
 from minideeplab import nn
+from minideeplab.backend import to_numpy
 
 F64 = np.float64
 
@@ -18,16 +20,6 @@ CASES = [
 ]
 
 
-def paths(k, s, p):
-    k, s, p = ((v, v) if isinstance(v, int) else v for v in (k, s, p))
-    out = ["im2col"]
-    if s == (1, 1):
-        out += ["kn2row", "taps"]
-    if k == (1, 1) and p == (0, 0):
-        out.append("pointwise")
-    return out
-
-
 def run(conv, x, dout):
     out = conv(x)
     dx = conv.backward(dout)
@@ -35,15 +27,14 @@ def run(conv, x, dout):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"k{c[2]}_s{c[3]}_p{c[4]}_d{c[5]}" for c in CASES])
-def test_all_paths_agree_on_a_prefix_view(case, xp, rng):
+def test_all_paths_agree_on_a_prefix_view(case, xp, device, rng):
     C, F, k, s, p, d, (H, W) = case
     buf = xp.asarray(rng.standard_normal((2, C + 3, H, W)))
     x = buf[:, :C]                                   # what a dense layer reads: a non-contiguous view
     weight = rng.standard_normal((F, C, *((k, k) if isinstance(k, int) else k)))
     results = {}
-    for algo in paths(k, s, p):
-        conv = nn.Conv2d(C, F, k, s, p, d, rng=rng, dtype=F64, algorithm=algo).to(
-            "cuda" if xp is not np else "cpu")
+    for algo in conv_algorithms(k, s, p):
+        conv = nn.Conv2d(C, F, k, s, p, d, rng=rng, dtype=F64, algorithm=algo).to(device)
         conv.weight.data[...] = xp.asarray(weight)
         conv.bias.data[...] = xp.asarray(np.arange(F, dtype=F64))
         dout = xp.asarray(np.random.default_rng(7).standard_normal(conv.output_shape(x.shape)))
@@ -52,8 +43,7 @@ def test_all_paths_agree_on_a_prefix_view(case, xp, rng):
     ref = results["im2col"]
     for algo, got in results.items():
         for name, a, b in zip(("out", "dx", "dW", "db"), got, ref):
-            np.testing.assert_allclose(xp.asnumpy(a) if xp is not np else a, xp.asnumpy(b) if xp is not np else b,
-                                       rtol=1e-11, atol=1e-11, err_msg=f"{algo} {name}")
+            np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-11, atol=1e-11, err_msg=f"{algo} {name}")
 
 
 def test_auto_choice_per_model_layer():

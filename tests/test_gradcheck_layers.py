@@ -56,11 +56,11 @@ CONV_CONFIGS = [  # id, input shape, (C, F, kernel), keyword arguments
 
 
 def conv_algorithms(kernel_size, stride=1, padding=0, **_):
-    """The forced Conv2d paths that apply to a configuration (none when the layer has a single path)."""
-    one = (1, 1)
+    """The Conv2d paths that can be forced on a configuration, written out here rather than asked of the layer:
+    im2col always, kn2row and taps at stride 1, pointwise for an unpadded 1x1 kernel."""
     k, s, p = (v if isinstance(v, tuple) else (v, v) for v in (kernel_size, stride, padding))
-    applies = {"pointwise": k == one and p == (0, 0), "kn2row": s == one, "taps": s == one, "im2col": True}
-    return [a for a in getattr(nn.Conv2d, "ALGORITHMS", ()) if applies.get(a, False)]
+    applies = {"pointwise": k == (1, 1) and p == (0, 0), "kn2row": s == (1, 1), "taps": s == (1, 1), "im2col": True}
+    return [a for a in nn.Conv2d.ALGORITHMS if applies.get(a, False)]
 
 
 def bn_train(shape, **kw):

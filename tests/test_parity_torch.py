@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_gradcheck_layers import conv_algorithms
 
 from minideeplab import nn
 from minideeplab.backend import to_numpy
@@ -77,14 +78,7 @@ CONV_CASES = [  # (C, F, k, stride, padding, dilation, bias, input HxW)
 ]
 
 
-def conv_algorithms(k, s, p):
-    """"auto" plus each forced Conv2d path that applies to (kernel, stride, padding), where the layer has them."""
-    k, s, p = (v if isinstance(v, tuple) else (v, v) for v in (k, s, p))
-    applies = {"pointwise": k == (1, 1) and p == (0, 0), "kn2row": s == (1, 1), "taps": s == (1, 1), "im2col": True}
-    return ["auto"] + [a for a in getattr(nn.Conv2d, "ALGORITHMS", ()) if applies.get(a, False)]
-
-
-CONV_PARAMS = [(case, algo) for case in CONV_CASES for algo in conv_algorithms(*case[2:5])]
+CONV_PARAMS = [(case, algo) for case in CONV_CASES for algo in ["auto", *conv_algorithms(*case[2:5])]]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -269,7 +263,7 @@ def test_conv2d_random_geometry(kh, kw, s, p, d, H, W, bias, seed, pick):
     if (H + 2 * p - d * (kh - 1) - 1) < 0 or (W + 2 * p - d * (kw - 1) - 1) < 0:
         return
     rng = np.random.default_rng(seed)
-    algos = conv_algorithms((kh, kw), s, p)
+    algos = ["auto", *conv_algorithms((kh, kw), s, p)]
     algo = algos[pick % len(algos)]
     conv = nn.Conv2d(2, 3, (kh, kw), stride=s, padding=p, dilation=d, bias=bias, rng=rng, dtype=np.float64,
                      **({} if algo == "auto" else {"algorithm": algo}))
