@@ -11,33 +11,29 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-from minideeplab.backend import to_device
 from minideeplab.gradcheck import check_module
 
 TABLE = Path(__file__).resolve().parents[1] / "tests" / "test_gradcheck_layers.py"
 
 
-def load_cases():
+def load_table():
     spec = importlib.util.spec_from_file_location("gradcheck_table", TABLE)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.CASES, mod.CHECK_OPTIONS
+    return mod
 
 
 def run(device: str = "cpu"):
-    """Yield (layer type, case id, GradCheckResult) for every case, seeded as in the test."""
-    cases, options = load_cases()
-    for kind, case_id, make in cases:
-        module, inputs = make(np.random.default_rng(zlib.crc32(case_id.encode())))
-        module.to(device)
-        inputs = tuple(to_device(x, device) for x in inputs)
+    """Yield (layer type, case id, GradCheckResult) for every case, built and seeded as in the test."""
+    table = load_table()
+    for kind, case_id, make in table.CASES:
+        module, inputs = table.build(case_id, make, device)
         yield kind, case_id, check_module(module, inputs, rng=np.random.default_rng(5), raise_on_fail=False,
-                                          **options)
+                                          **table.CHECK_OPTIONS)
 
 
 def main(argv=None) -> int:

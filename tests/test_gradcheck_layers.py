@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from minideeplab import nn
+from minideeplab.backend import to_device
 from minideeplab.gradcheck import check_function, check_module
 
 F64 = np.float64
@@ -148,12 +149,16 @@ CASES = [
 ]
 
 
+def build(case_id, make, device):
+    """A case's module and inputs on ``device``, seeded by the case id (shared by test_module and
+    benchmarks/gradcheck_report.py, so all three check the same tensors)."""
+    module, inputs = make(np.random.default_rng(zlib.crc32(case_id.encode())))
+    return module.to(device), tuple(to_device(x, device) for x in inputs)
+
+
 @pytest.mark.parametrize("kind,case_id,make", CASES, ids=[f"{k}-{c}" for k, c, _ in CASES])
-def test_gradcheck(kind, case_id, make, xp, device):
-    rng = np.random.default_rng(zlib.crc32(case_id.encode()))
-    module, inputs = make(rng)
-    module.to(device)
-    inputs = tuple(xp.asarray(x) for x in inputs)
+def test_gradcheck(kind, case_id, make, device):
+    module, inputs = build(case_id, make, device)
     result = check_module(module, inputs, rng=np.random.default_rng(5), **CHECK_OPTIONS)
     names = [row.name for row in result.rows]
     # every parameter and every input was checked

@@ -1,9 +1,7 @@
 """The Module protocol: names, state, modes, gradients, devices, printing, and what backward may not do."""
-import zlib
-
 import numpy as np
 import pytest
-from test_gradcheck_layers import CASES
+from test_gradcheck_layers import CASES, build
 
 from minideeplab import nn
 from minideeplab.backend import to_numpy
@@ -24,11 +22,6 @@ class Block(nn.Module):
 PARAM_NAMES = ["conv.weight", "bn.weight", "bn.bias", "branches.0.0.weight", "branches.0.0.bias",
                "branches.1.0.weight", "branches.1.0.bias", "head.weight", "head.bias"]
 BUFFER_NAMES = ["bn.running_mean", "bn.running_var", "bn.num_batches_tracked"]
-
-
-def build(kind, case_id, make, device):
-    module, inputs = make(np.random.default_rng(zlib.crc32(case_id.encode())))
-    return module.to(device), inputs
 
 
 def test_named_parameters_order_and_dotted_names(rng):
@@ -192,14 +185,14 @@ def test_sequential_backward_equals_manual_chain(rng):
 
 @pytest.mark.parametrize("kind,case_id,make", CASES, ids=[f"{k}-{c}" for k, c, _ in CASES])
 def test_backward_before_forward_is_a_clear_error(kind, case_id, make, xp, device):
-    module, inputs = build(kind, case_id, make, device)
+    module, inputs = build(case_id, make, device)
     if kind in ("Identity",):
         pytest.skip("Identity caches nothing: its backward is defined without a forward")
     dout = xp.zeros((2, 3, 4, 5))
     with pytest.raises(RuntimeError, match=r"backward called before forward"):
         module.backward(dout)
     # a device/dtype move forgets the cache: backward needs a new forward
-    module(*[xp.asarray(x) for x in inputs])
+    module(*inputs)
     module.to(np.float64)
     with pytest.raises(RuntimeError, match=r"backward called before forward"):
         module.backward(dout)
@@ -207,8 +200,7 @@ def test_backward_before_forward_is_a_clear_error(kind, case_id, make, xp, devic
 
 @pytest.mark.parametrize("kind,case_id,make", CASES, ids=[f"{k}-{c}" for k, c, _ in CASES])
 def test_forward_and_backward_never_mutate_their_arguments(kind, case_id, make, xp, device):
-    module, inputs = build(kind, case_id, make, device)
-    inputs = [xp.asarray(x) for x in inputs]
+    module, inputs = build(case_id, make, device)
     copies = [x.copy() for x in inputs]
     out = module(*inputs)
     dout = xp.asarray(np.random.default_rng(3).standard_normal(out.shape))
