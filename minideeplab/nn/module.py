@@ -132,18 +132,10 @@ class Module:
             problems.append(f"shape mismatch: {mismatched}")
         if problems:
             raise ValueError(f"{type(self).__name__}.load_state_dict: " + "; ".join(problems))
-        for mod_name, mod in self.named_modules():
-            pre = f"{mod_name}." if mod_name else ""
-            for name, p in mod._parameters.items():
-                if pre + name in state:
-                    xp = get_array_module(p.data)
-                    # to_device: a state from the other device (CuPy <-> NumPy) loads too
-                    value = to_device(state[pre + name], device_of(p.data))
-                    p.data[...] = xp.asarray(value, dtype=p.data.dtype)
-            for name, b in mod._buffers.items():
-                if pre + name in state and b is not None:
-                    xp = get_array_module(b)
-                    b[...] = xp.asarray(to_device(state[pre + name], device_of(b)), dtype=b.dtype)
+        for key, array in own.items():   # state_dict's arrays are the parameters and buffers themselves
+            if key in state:
+                # to_device: a state from the other device (CuPy <-> NumPy) loads too; the copy casts to our dtype
+                array[...] = to_device(state[key], device_of(array))
 
     # -- modes, gradients, devices ------------------------------------------------------------------
     def train(self, mode: bool = True) -> Module:
