@@ -129,7 +129,9 @@ def cmd_train(args) -> int:
          f"{trainer.cfg.image_size}px, batch {trainer.cfg.batch_size})")
     finished = trainer.epoch >= trainer.cfg.epochs
     trainer.fit()
-    metrics = evaluate(trainer.model, trainer.val_loader, trainer.loss_fn, trainer.cfg.threshold, trainer.cfg.device)
+    # the last epoch's validation already measured the final weights; evaluate only a run that had nothing to train
+    metrics = trainer.last_val or evaluate(trainer.model, trainer.val_loader, trainer.loss_fn,
+                                           trainer.cfg.threshold, trainer.cfg.device)
     print(format_metrics(metrics, title=f"validation after {trainer.epoch} epoch(s)"))
     if not finished:
         print(f"wrote {trainer.out_dir}/history.csv, last.npz, best.npz, curves.png, predictions.png")

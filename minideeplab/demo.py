@@ -13,7 +13,7 @@ import sys
 import time
 
 from .metrics import format_metrics
-from .train import TrainConfig, Trainer, evaluate
+from .train import TrainConfig, Trainer
 
 # Chosen by short tuning runs on the shared 2-core CPU: 128 px images (at output stride 16 the logits are only
 # 8x8; smaller images cap the IoU the upsampled logits can reach), AdamW at 2e-3 with a short warm-up and poly
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     print(f"model: {type(trainer.model).__name__}, {n_params / 1e6:.2f} M parameters; "
           f"{trainer.total_steps} training steps of {cfg.batch_size} images at {cfg.image_size}x{cfg.image_size}")
     trainer.fit()
-    metrics = evaluate(trainer.model, trainer.val_loader, trainer.loss_fn, cfg.threshold, cfg.device)
+    metrics = trainer.last_val      # the last epoch's validation, of the final weights
     wall = time.perf_counter() - start
     train_seconds = sum(row["seconds"] for row in trainer.history)
     print(format_metrics(metrics, title=f"validation ({len(trainer.val_set)} images) after {cfg.epochs} epochs"))

@@ -193,6 +193,7 @@ class Trainer:
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.epoch_order = None
         self.history, self.best_iou = [], -1.0
+        self.last_val = None        # evaluate()'s dict of the latest validation in this process (None before one)
         self._reset_running()
         self._stop_requested = self._in_update = False
         self.on_step_end = None     # optional callback(trainer) after every completed step (tests, notebooks)
@@ -354,8 +355,8 @@ class Trainer:
         return 1.0 if den == 0 else r["tp"] / den
 
     def _end_epoch(self):
-        val = evaluate(self.model, self.val_loader, self.loss_fn, self.cfg.threshold, self.cfg.device,
-                       progress=self.progress)
+        val = self.last_val = evaluate(self.model, self.val_loader, self.loss_fn, self.cfg.threshold,
+                                       self.cfg.device, progress=self.progress)
         r = self.running
         row = {"epoch": self.epoch + 1, "step": self.global_step, "lr": self.optimizer.lr,
                "train_loss": r["loss_sum"] / max(r["count"], 1), "train_iou": self._running_iou(),

@@ -47,6 +47,9 @@ def test_run_folder_contents_and_checkpoint(tmp_path):
     with open(tmp_path / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2] and int(rows[-1]["step"]) == trainer.global_step == 6
+    # the last validation (printed by the CLI and the demo) is the last history row's, counts included
+    assert float(rows[-1]["val_iou"]) == pytest.approx(trainer.last_val["iou"], rel=1e-12)
+    assert sum(trainer.last_val[k] for k in ("tp", "fp", "fn", "tn")) == 4 * 32 * 32
     ckpt = load_checkpoint(tmp_path / "last.npz")
     meta = ckpt.meta
     assert meta["kind"] == CHECKPOINT_KIND and meta["epoch"] == 2 and meta["global_step"] == 6
