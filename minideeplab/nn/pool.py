@@ -17,6 +17,10 @@ class _Pool2d(Module):
                              f"{self.kernel_size}")
         self.x_shape = None
 
+    @property
+    def n_taps(self) -> int:
+        return self.kernel_size[0] * self.kernel_size[1]
+
     def _windows(self, x, pad_value):
         """Yield (tap, rows, cols, window (N, C, Ho, Wo)) for each kernel offset over the padded input."""
         name = type(self).__name__
@@ -75,10 +79,6 @@ class MaxPool2d(_Pool2d):
         self.argmax = argmax
         return out
 
-    @property
-    def n_taps(self):
-        return self.kernel_size[0] * self.kernel_size[1]
-
     def backward(self, dout):
         self._need(self.argmax)
         # dL/dx = dout routed to the input that won each window (summed where windows overlap)
@@ -105,13 +105,13 @@ class AvgPool2d(_Pool2d):
                 out = win.copy()
             else:
                 out += win
-        out *= 1.0 / (self.kernel_size[0] * self.kernel_size[1])
+        out *= 1.0 / self.n_taps
         return out
 
     def backward(self, dout):
         self._need(self.x_shape)
         # dL/dx = dout / (kh*kw) added to every input of the window
-        g = dout * (1.0 / (self.kernel_size[0] * self.kernel_size[1]))
+        g = dout * (1.0 / self.n_taps)
         return self._scatter(lambda tap: g, dout)
 
 
