@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from functools import partial
 
 from .backend import get_array_module, synchronize
+from .bench import sample_times
 from .nn import conv as conv_module
 
 CATEGORIES = {"Conv2d": "conv", "BatchNorm2d": "batch norm", "ReLU": "relu", "MaxPool2d": "pooling",
@@ -111,6 +113,13 @@ def conv_gemm_shapes(conv):
     return N, F, C * conv.kernel_size[0] * conv.kernel_size[1], Ho * Wo
 
 
+def _im2col_gemms(xp, w, cols, d) -> None:
+    """Forward ``W @ cols``, weight gradient ``dout @ cols^T`` (summed over N), input gradient ``W^T @ dout``."""
+    w @ cols
+    xp.matmul(d, cols.transpose(0, 2, 1)).sum(axis=0)
+    w.T @ d
+
+
 def gemm_reference(convs, xp=None, dtype="float32", repeats: int = 3, sync: bool = False) -> dict:
     """Best-of-``repeats`` time of the three im2col GEMMs of each distinct conv shape: {(N, F, K, P): seconds}."""
     out = {}
@@ -121,17 +130,6 @@ def gemm_reference(convs, xp=None, dtype="float32", repeats: int = 3, sync: bool
         xp = xp or get_array_module(conv.weight.data)
         N, F, K, P = key
         w, cols, d = xp.ones((F, K), dtype), xp.ones((N, K, P), dtype), xp.ones((N, F, P), dtype)
-        best = float("inf")
-        for rep in range(repeats + 1):      # run 0 is a warm-up
-            if sync:
-                synchronize()
-            t = time.perf_counter()
-            w @ cols
-            xp.matmul(d, cols.transpose(0, 2, 1)).sum(axis=0)
-            w.T @ d
-            if sync:
-                synchronize()
-            if rep:
-                best = min(best, time.perf_counter() - t)
-        out[key] = best
+        gemms = partial(_im2col_gemms, xp, w, cols, d)
+        out[key] = min(sample_times(gemms, repeats, warmup=1, sync=synchronize if sync else None))
     return out
