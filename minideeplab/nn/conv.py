@@ -2,8 +2,7 @@
 
 All paths compute the same cross-correlation; they differ only in how the data reaches the GEMM, and the
 layer picks the cheapest for its shape ("auto"; set ``conv.algorithm`` to force one). Why each is fast, with
-forward+backward times measured
-on this 2-core machine (OpenBLAS, float32, batch 2, one thread, CPU ms; im2col + col2im for comparison):
+forward+backward times measured on this 2-core machine (OpenBLAS, float32, batch 2, one thread, CPU ms; im2col + col2im for comparison):
 
 - "pointwise" (1x1, no padding): the input already *is* the (C, H*W) column matrix: no copy at all.
 - "kn2row" (stride 1, the taps that read real data read it almost everywhere: the dense layers' 3x3 convs):
@@ -179,10 +178,10 @@ class Conv2d(Module):
         dw_taps = xp.zeros((kh, kw, F, C), dtype=dout.dtype)
         dx = xp.zeros(self.x_shape, dtype=dout.dtype)
         for i, j, (oy, ox), (iy, ix) in valid_taps(self.kernel_size, self.padding, self.dilation, (H, W), (Ho, Wo)):
-            xr = x[:, :, iy, ix].reshape(N, C, -1)
+            xr = x[:, :, iy, ix]
             dr = dout[:, :, oy, ox].reshape(N, F, -1)
-            dw_taps[i, j] = xp.matmul(dr, xr.transpose(0, 2, 1)).sum(axis=0)
-            dx[:, :, iy, ix] += (w_taps_t[i, j] @ dr).reshape(N, C, *dout[:, :, oy, ox].shape[2:])
+            dw_taps[i, j] = xp.matmul(dr, xr.reshape(N, C, -1).transpose(0, 2, 1)).sum(axis=0)
+            dx[:, :, iy, ix] += (w_taps_t[i, j] @ dr).reshape(xr.shape)
         self.weight.grad += dw_taps.transpose(2, 3, 0, 1)
         return dx
 
