@@ -23,6 +23,7 @@ class BatchNorm2d(Module):
         eps: added to the variance.
         momentum: weight of the current batch in the running estimates.
         affine: learn ``weight`` (gamma, init 1) and ``bias`` (beta, init 0).
+        dtype: dtype of the parameters and running statistics; inputs must match it.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
@@ -56,9 +57,9 @@ class BatchNorm2d(Module):
         if n < 2:
             raise ValueError(f"BatchNorm2d: training needs more than one value per channel, got input shape "
                              f"{tuple(x.shape)} (N*H*W = {n}); use a batch of at least 2 or call .eval()")
-        # Per-channel sums as BLAS products (x viewed as (N, C, H*W): a view also for a channel-prefix view
-        # of a dense block's buffer): one read of x each, no temporaries. Two passes (mean, then the
-        # centred squares) keep the variance accurate in float32. xhat = centered * inv_std is never
+        # Per-channel sums by channel_sum (BLAS products on NumPy, also for a channel-prefix view of a dense
+        # block's buffer; plain reductions on CuPy). Two passes (mean, then the centred squares) keep the
+        # variance accurate in float32. xhat = centered * inv_std is never
         # materialised: out = centered * (gamma * inv_std) + beta, and backward folds inv_std into its constants.
         mean = channel_sum(x) / n
         centered = x - mean[:, None, None]
