@@ -137,7 +137,8 @@ class TorchDeepLabV3(nn.Module):
 
 
 def to_torch(model) -> TorchDeepLabV3:
-    """A ``TorchDeepLabV3`` with ``model``'s config, dtype, weights, running statistics and train/eval mode."""
+    """A ``TorchDeepLabV3`` with ``model``'s config, dtype, weights, running statistics, dropout probability and
+    train/eval mode."""
     config = getattr(model, "config", None)
     if not isinstance(config, DeepLabConfig):
         raise TypeError("to_torch: the model has no DeepLabConfig in .config (build it with build_deeplab)")
@@ -145,6 +146,6 @@ def to_torch(model) -> TorchDeepLabV3:
     with torch.device("meta"):   # no random init and no allocation: every tensor is assigned below
         tmodel = TorchDeepLabV3(config)
     tmodel.load_state_dict(state, strict=True, assign=True)   # takes our (copied) arrays as its tensors
-    dropout = model.head.aspp.project.dropout.p
-    tmodel.head.aspp.project.dropout.p = dropout
+    # the model's current drop probability, which may differ from its config (parity tests set it to 0)
+    tmodel.head.aspp.project.dropout.p = model.head.aspp.project.dropout.p
     return tmodel.train(model.training)
