@@ -17,7 +17,7 @@ import pytest
 from minideeplab.models import deeplabv3_densenet121
 
 torch = pytest.importorskip("torch")
-from minideeplab.torch_oracle import to_torch
+from minideeplab.torch_oracle import to_torch  # noqa: E402 (needs torch, checked just above)
 
 
 def _ours(model, x, g):
