@@ -231,8 +231,10 @@ def test_to_dtype_casts_params_grads_buffers(rng):
     assert all(p.data.dtype == np.float32 for p in block.parameters())
     block.to(np.float64)
     assert all(p.data.dtype == np.float64 for p in block.parameters())
-    with pytest.raises(TypeError, match="Block.to: expected 'cpu', 'cuda' or a float dtype"):
-        block.to(np.int32)
+    for bad in (np.int32, "gpu", None):   # a misspelt device or None is not silently a dtype either
+        with pytest.raises(TypeError, match=r"Block.to: expected 'cpu', 'cuda' or a float dtype, got "):
+            block.to(bad)
+    assert all(p.data.dtype == np.float64 for p in block.parameters())
 
 
 def test_to_device_moves_everything(xp, device, rng):

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..backend import check_device, device_of, get_array_module, to_device
+from ..backend import DEVICES, check_device, device_of, get_array_module, to_device
 
 
 class Parameter:
@@ -163,11 +163,14 @@ class Module:
 
     def to(self, device_or_dtype) -> Module:
         """Move to ``"cpu"``/``"cuda"``, or cast floating arrays to a dtype (``np.float64``)."""
-        if isinstance(device_or_dtype, str) and device_or_dtype in ("cpu", "cuda"):
+        if isinstance(device_or_dtype, str) and device_or_dtype in DEVICES:
             device = check_device(device_or_dtype)
             return self._apply(lambda a: to_device(a, device))
-        dtype = np.dtype(device_or_dtype)
-        if dtype.kind != "f":
+        try:   # np.dtype(None) is float64 and np.dtype("gpu") a NumPy parse error: neither says what to pass
+            dtype = None if device_or_dtype is None else np.dtype(device_or_dtype)
+        except TypeError:
+            dtype = None
+        if dtype is None or dtype.kind != "f":
             raise TypeError(f"{type(self).__name__}.to: expected 'cpu', 'cuda' or a float dtype, got {device_or_dtype!r}")
         return self._apply(lambda a: a.astype(dtype) if a.dtype.kind == "f" else a)
 
