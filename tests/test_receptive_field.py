@@ -146,7 +146,7 @@ def small_backbone(avg_pool0: bool):
     features = model.backbone.features
     if avg_pool0:   # max pooling routes the gradient to one winner per window; averaging routes it to all
         pool = nn.AvgPool2d(3, stride=2, padding=1)
-        features._modules["pool0"] = pool
+        features._modules["pool0"] = pool          # in place: setattr would move pool0 to the end of the run order
         object.__setattr__(features, "pool0", pool)
     return model
 
