@@ -57,14 +57,14 @@ class GradCheckResult:
 
 
 def _sample_indices(shape, full_limit, samples, rng, prefer=None):
-    size = int(np.prod(shape)) if shape else 1
+    size = int(np.prod(shape))   # 1 for a scalar: np.prod(()) == 1
     if size <= full_limit:
         flat = np.arange(size)
     else:
         flat = rng.choice(size, size=samples, replace=False)
         if prefer is not None:   # always include the largest analytic entry
             flat = np.unique(np.append(flat, prefer))
-    return [np.unravel_index(i, shape) if shape else () for i in flat]
+    return [np.unravel_index(i, shape) for i in flat]   # () for a scalar
 
 
 def _compare(name, array, analytic, loss, eps, full_limit, samples, rng, noise_floor=0.0):
@@ -73,7 +73,7 @@ def _compare(name, array, analytic, loss, eps, full_limit, samples, rng, noise_f
     idx = _sample_indices(array.shape, full_limit, samples, rng, int(np.argmax(np.abs(a_host))) if a_host.size else None)
     num, ana = np.empty(len(idx)), np.empty(len(idx))
     for k, i in enumerate(idx):
-        old = array[i].item() if hasattr(array[i], "item") else float(array[i])
+        old = float(array[i])
         array[i] = old + eps
         lp = loss()
         array[i] = old - eps
