@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 from minideeplab.bench import conv_flops, limit_threads, machine_info, median_time, write_json
+from minideeplab.nn import Conv2d
 
 # (name, C_in, C_out, kernel, stride, padding, dilation, H=W): issue 2's shapes, then other model shapes
 SHAPES = [
@@ -32,7 +33,6 @@ N_ISSUE_SHAPES = 4
 
 
 def time_ours(shape, repeats, algorithm="auto"):
-    from minideeplab.nn import Conv2d
     _, C, F, k, s, p, d, H = shape
     rng = np.random.default_rng(0)
     conv = Conv2d(C, F, k, s, p, d, bias=False, rng=rng, algorithm=algorithm)
