@@ -17,7 +17,7 @@ input / the model input (that is what their forward does), whatever its construc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..nn import (
     AdaptiveAvgPool2d,
@@ -55,7 +55,6 @@ class Node:
     align_corners: bool = False      # upsample only
     scale: tuple | None = None       # upsample only: the scale factor PyTorch uses for source coordinates
     channels: tuple = (0, 0)         # conv only: (in, out), for multiply-add counts
-    module: object = field(default=None, repr=False)
 
 
 class Graph:
@@ -152,4 +151,4 @@ def _spatial(module, name, src, graph) -> int:
                          f"kernel {k} with padding {p} and dilation {d}")
     kind = {Conv2d: "conv", MaxPool2d: "maxpool", AvgPool2d: "avgpool"}[type(module)]
     channels = (module.in_channels, module.out_channels) if kind == "conv" else (0, 0)
-    return graph.add(Node(name, kind, (src,), (Ho, Wo), k, s, p, d, channels=channels, module=module))
+    return graph.add(Node(name, kind, (src,), (Ho, Wo), k, s, p, d, channels=channels))
