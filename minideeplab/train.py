@@ -26,7 +26,7 @@ from .backend import check_device, to_device, to_numpy
 from .checkpoint import generator_state, load_checkpoint, save_checkpoint, set_generator_state
 from .data import DataLoader, FolderDataset, Subset, SyntheticShapes, train_transform
 from .losses import build_loss
-from .metrics import ConfusionMeter
+from .metrics import COUNT_NAMES, ConfusionMeter
 from .nn import sigmoid
 from .optim import build_optimizer, build_scheduler
 
@@ -200,12 +200,14 @@ class Trainer:
 
     # -- state --------------------------------------------------------------------------------------------
     def _reset_running(self):
-        self.running = {"loss_sum": 0.0, "count": 0, "tp": 0, "fp": 0, "fn": 0, "tn": 0, "seconds": 0.0}
+        self.running = {"loss_sum": 0.0, "count": 0, "seconds": 0.0}
+        self.train_meter = ConfusionMeter(self.cfg.threshold)     # the epoch's training confusion counts
 
     def state_meta(self) -> dict:
+        counts = {k: getattr(self.train_meter, k) for k in COUNT_NAMES}
         return {"train_config": self.cfg.to_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "rng": {k: generator_state(g) for k, g in self.rngs.items()},
-                "history": self.history, "best_iou": self.best_iou, "running": self.running}
+                "history": self.history, "best_iou": self.best_iou, "running": {**self.running, **counts}}
 
     def save(self, path) -> None:
         """Atomic checkpoint of the whole training state (see the module docstring)."""
@@ -224,7 +226,10 @@ class Trainer:
                 set_generator_state(g, meta["rng"][k])
             self.epoch, self.step_in_epoch = int(meta["epoch"]), int(meta["step_in_epoch"])
             self.global_step = int(meta["global_step"])
-            self.history, self.best_iou, self.running = list(meta["history"]), float(meta["best_iou"]), meta["running"]
+            self.history, self.best_iou = list(meta["history"]), float(meta["best_iou"])
+            self.running = dict(meta["running"])
+            for k in COUNT_NAMES:
+                setattr(self.train_meter, k, int(self.running.pop(k)))
         except (KeyError, TypeError) as e:
             raise ValueError(f"{ckpt.path!r}: incomplete training checkpoint (missing {e})") from None
         order = ckpt.extra.get("epoch_order")
@@ -329,11 +334,8 @@ class Trainer:
                         raise
                     self._restore(snap)       # back to the clean state at the start of this step
                     self._interrupted()
+                self.train_meter.update(probs, batch[1])
                 r = self.running
-                meter = ConfusionMeter(self.cfg.threshold)
-                meter.update(probs, batch[1])
-                for k in ("tp", "fp", "fn", "tn"):
-                    r[k] += getattr(meter, k)
                 r["loss_sum"] += loss
                 r["count"] += 1
                 r["seconds"] += time.perf_counter() - start
@@ -350,9 +352,7 @@ class Trainer:
                     self.on_step_end(self)
 
     def _running_iou(self) -> float:
-        r = self.running
-        den = r["tp"] + r["fp"] + r["fn"]
-        return 1.0 if den == 0 else r["tp"] / den
+        return self.train_meter.compute()["iou"] if self.train_meter.total else 1.0
 
     def _end_epoch(self):
         val = self.last_val = evaluate(self.model, self.val_loader, self.loss_fn, self.cfg.threshold,
