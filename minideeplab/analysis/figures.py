@@ -153,9 +153,11 @@ def architecture_figure(model, input_size: int = 512) -> Figure:
             f"{model.output_stride})", fontsize=8)
     for i, label in enumerate(branch_labels):
         _box(ax, xa + 3.1 * i, 1.3, 2.6, 0.75, f"{label}\n+ BN + ReLU -> {aspp.out_channels}", "#d9f2d9")
-    head_steps = [f"concat\n{5 * aspp.out_channels} x {feat_size}", f"1x1 conv + BN + ReLU\n+ dropout -> {aspp.out_channels}",
-             f"classifier 1x1\n-> {model.num_classes} logit", f"bilinear upsample\nx{model.output_stride} -> {input_size}",
-             "sigmoid\nmask probability"]
+    head_steps = [f"concat\n{5 * aspp.out_channels} x {feat_size}",
+                  f"1x1 conv + BN + ReLU\n+ dropout -> {aspp.out_channels}",
+                  f"classifier 1x1\n-> {model.num_classes} logit",
+                  f"bilinear upsample\nx{model.output_stride} -> {input_size}",
+                  "sigmoid\nmask probability"]
     xs = 1.5
     for i, label in enumerate(head_steps):
         _box(ax, xs, 0.1, 2.6, 0.75, label, "#f3d9fa" if i < 2 else "#eeeeee")
