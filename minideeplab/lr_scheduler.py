@@ -31,6 +31,8 @@ class LRScheduler:
         warmup_steps: W, iterations of linear warm-up (0 <= W < T).
     """
 
+    extra_names: tuple = ()     # a subclass's float hyper-parameters, saved by state_dict (e.g. "power")
+
     def __init__(self, optimizer: Optimizer, total_steps: int, warmup_steps: int = 0):
         cls = type(self).__name__
         if not isinstance(total_steps, (int, np.integer)) or total_steps < 1:
@@ -67,8 +69,6 @@ class LRScheduler:
                "warmup_steps": np.array(self.warmup_steps, dtype=np.int64)}
         out.update({k: np.array(getattr(self, k), dtype=np.float64) for k in self.extra_names})
         return out
-
-    extra_names: tuple = ()
 
     def load_state_dict(self, state: dict) -> None:
         cls = type(self).__name__
