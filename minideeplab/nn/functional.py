@@ -96,16 +96,28 @@ def col2im(cols, input_shape, kernel_size, stride=1, padding=0, dilation=1):
     one per kernel offset (no ``np.add.at``).
     """
     (kh, kw), s, p, d = pair(kernel_size), pair(stride), pair(padding), pair(dilation)
-    xp = get_array_module(cols)
     N, C, H, W = input_shape
     Ho, Wo = conv_output_size(H, kh, s[0], p[0], d[0]), conv_output_size(W, kw, s[1], p[1], d[1])
     cols = cols.reshape(N, C, kh, kw, Ho, Wo)
-    dxpad = xp.zeros((N, C, H + 2 * p[0], W + 2 * p[1]), dtype=cols.dtype)
-    for i, j, rows, colsl in kernel_offsets(kh, kw, s, d, Ho, Wo):
-        dxpad[:, :, rows, colsl] += cols[:, :, i, j]
-    if p == (0, 0):
+    return fold_taps(lambda i, j: cols[:, :, i, j], input_shape, (kh, kw), s, p, d, cols)
+
+
+def fold_taps(tap_values, input_shape, kernel_size, stride, padding, dilation, like):
+    """Add ``tap_values(i, j)`` (N, C, Ho, Wo) onto the input pixels tap (i, j) reads: the adjoint of reading
+    the kernel windows (``col2im`` with the columns given per tap, so pooling never builds them all).
+
+    Shapes: -> dx: (N, C, H, W) = ``input_shape``, dtype and array module of ``like``. All size arguments
+    are (h, w) pairs.
+    """
+    (kh, kw), (ph, pw) = kernel_size, padding
+    N, C, H, W = input_shape
+    Ho, Wo = conv_output_size(H, kh, stride[0], ph, dilation[0]), conv_output_size(W, kw, stride[1], pw, dilation[1])
+    dxpad = get_array_module(like).zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=like.dtype)
+    for i, j, rows, cols in kernel_offsets(kh, kw, stride, dilation, Ho, Wo):
+        dxpad[:, :, rows, cols] += tap_values(i, j)
+    if (ph, pw) == (0, 0):
         return dxpad
-    return dxpad[:, :, p[0]:p[0] + H, p[1]:p[1] + W]
+    return dxpad[:, :, ph:ph + H, pw:pw + W]
 
 
 def valid_taps(kernel_size, padding, dilation, in_hw, out_hw):

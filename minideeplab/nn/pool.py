@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..backend import get_array_module
-from .functional import check_input, conv_output_size, kernel_offsets, pad2d, pair
+from .functional import check_input, conv_output_size, fold_taps, kernel_offsets, pad2d, pair
 from .module import Module
 
 
@@ -36,13 +36,9 @@ class _Pool2d(Module):
 
     def _scatter(self, tap_grad, dout):
         """The adjoint of ``_windows``: slice-add ``tap_grad(tap)`` (N, C, Ho, Wo) for each tap onto the input."""
-        N, C, H, W = self.x_shape
-        (kh, kw), (ph, pw) = self.kernel_size, self.padding
-        xp = get_array_module(dout)
-        dxpad = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=dout.dtype)
-        for i, j, rows, cols in kernel_offsets(kh, kw, self.stride, (1, 1), *dout.shape[2:]):
-            dxpad[:, :, rows, cols] += tap_grad(i * kw + j)
-        return dxpad[:, :, ph:ph + H, pw:pw + W]
+        kw = self.kernel_size[1]
+        return fold_taps(lambda i, j: tap_grad(i * kw + j), self.x_shape, self.kernel_size, self.stride,
+                         self.padding, (1, 1), dout)
 
     def _clear_cache(self):
         self.x_shape = None
