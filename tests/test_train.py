@@ -154,3 +154,14 @@ def test_invalid_config(field, value, message):
 def test_training_set_smaller_than_a_batch():
     with pytest.raises(ValueError, match="fewer than one batch"):
         Trainer(TrainConfig(**{**TINY, "train_size": 3}), progress=False)
+
+
+def test_demo_runs_end_to_end_on_a_tiny_config(tmp_path, monkeypatch, capsys):
+    """`make demo` is a 9-minute job no test can afford; the same code path on a tiny config guards its wiring."""
+    from minideeplab import demo
+
+    monkeypatch.setattr(demo, "DEMO_CONFIG", TrainConfig(**TINY))
+    assert demo.main(["--out", str(tmp_path), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "iou" in printed and "target validation IoU >= 0.85" in printed
+    assert (tmp_path / "best.npz").exists() and (tmp_path / "curves.png").exists()
