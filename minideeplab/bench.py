@@ -23,11 +23,12 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 
 import numpy as np
+
+from .io import atomic_write
 
 RESULT_TAG = "MINIDEEPLAB-BENCH-RESULT "
 
@@ -82,11 +83,9 @@ def write_json(path: str, obj) -> None:
 
 
 def write_text(path: str, text: str) -> None:
-    """Atomic write: a temp file in the same folder, then os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    """Atomic write (``io.atomic_write``)."""
+    with atomic_write(path, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def machine_info() -> dict:

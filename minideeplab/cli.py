@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import atomic_write
+
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
@@ -168,9 +170,8 @@ def cmd_evaluate(args) -> int:
 
 def _write_png(array: np.ndarray, path: Path) -> None:
     from PIL import Image
-    tmp = path.with_name(f".tmp-{path.name}")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        Image.fromarray(array).save(f, format="PNG")
 
 
 def predict_probs(model, image: np.ndarray, size: int | None, device: str = "cpu") -> np.ndarray:

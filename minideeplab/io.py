@@ -12,6 +12,7 @@ import os
 import re
 import tempfile
 import zipfile
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -19,6 +20,30 @@ from .backend import to_numpy
 
 META_KEY = "__minideeplab_meta__"
 FORMAT_VERSION = 1
+
+
+@contextmanager
+def atomic_write(path, mode: str = "wb", **open_kwargs):
+    """Open a temporary file beside ``path`` for writing; on success it is flushed, synced and moved onto
+    ``path`` with ``os.replace`` (readers see the old file or the new one, never half of one); on any error,
+    Ctrl-C included, it is removed. The folder is created if missing.
+
+    Usage: ``with atomic_write("runs/x/history.csv", "w", newline="") as f: ...``
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_npz(path, arrays: dict, meta: dict | None = None) -> None:
@@ -43,18 +68,8 @@ def write_npz(path, arrays: dict, meta: dict | None = None) -> None:
         if v.dtype == object:
             raise TypeError(f"write_npz: array {k!r} has dtype object; only numeric arrays can be stored")
     host[META_KEY] = np.array(meta_json)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **host)   # a file object: NumPy does not append ".npz" to the temporary name
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)      # atomic on POSIX and Windows: readers see the old file or the new one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as f:
+        np.savez(f, **host)   # a file object: NumPy does not append ".npz" to the temporary name
 
 
 def read_npz(path) -> tuple[dict, dict]:

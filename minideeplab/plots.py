@@ -1,12 +1,12 @@
 """Training figures with Matplotlib's Agg canvas (no display, no global pyplot state), written atomically."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from .data.transforms import denormalize
+from .io import atomic_write
 
 
 def _figure(figsize):
@@ -19,9 +19,8 @@ def _figure(figsize):
 
 def _save(fig, path) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=100)
     return path
 
 

@@ -13,7 +13,6 @@ optimizer update, which is never interrupted) and saves that.
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import threading
 import time
@@ -25,6 +24,7 @@ import numpy as np
 from .backend import check_device, to_device, to_numpy
 from .checkpoint import generator_state, load_checkpoint, save_checkpoint, set_generator_state
 from .data import DataLoader, FolderDataset, Subset, SyntheticShapes, train_transform
+from .io import atomic_write
 from .losses import build_loss
 from .metrics import COUNT_NAMES, ConfusionMeter
 from .nn import sigmoid
@@ -142,12 +142,10 @@ def evaluate(model, loader, loss_fn=None, threshold: float = 0.5, device: str = 
 
 
 def _write_history(path: Path, history: list) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
         w.writeheader()
         w.writerows({k: row.get(k, "") for k in HISTORY_FIELDS} for row in history)
-    os.replace(tmp, path)
 
 
 class Trainer:

@@ -47,6 +47,20 @@ def test_npz_write_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt.npz"]   # and no temporary file is left behind
 
 
+def test_atomic_write_text_creates_folder_and_keeps_old_file_on_error(tmp_path):
+    """The one writer behind checkpoints, history.csv, PNGs and benchmark results."""
+    path = tmp_path / "new" / "history.csv"
+    with io.atomic_write(path, "w", newline="") as f:
+        f.write("epoch\n1\n")
+    assert path.read_text() == "epoch\n1\n"
+    with pytest.raises(KeyboardInterrupt):
+        with io.atomic_write(path, "w") as f:
+            f.write("epoch\n")
+            raise KeyboardInterrupt
+    assert path.read_text() == "epoch\n1\n"
+    assert os.listdir(path.parent) == ["history.csv"]
+
+
 def test_npz_bad_files_give_value_errors_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"no such checkpoint file: .*missing\.npz"):
         io.read_npz(tmp_path / "missing.npz")

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch, Rectangle
 
+from ..io import atomic_write
 from .receptive_field import empirical_receptive_field, receptive_field, receptive_field_region
 from .valid_weights import valid_weight_curves
 
@@ -24,17 +24,8 @@ STAGES = ["conv0", "pool0", "denseblock1", "transition1", "denseblock2", "transi
 def save_figure(fig: Figure, path, dpi: int = 110) -> str:
     """Write ``fig`` as PNG atomically (temporary file in the same folder + ``os.replace``)."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
     return path
 
 
