@@ -29,6 +29,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from .io import atomic_write
+from .nn.functional import conv_output_size
 
 RESULT_TAG = "MINIDEEPLAB-BENCH-RESULT "
 
@@ -71,14 +72,12 @@ def median_time(fn, repeats: int, warmup: int = 2, sync=None) -> float:
 def conv_flops(N, C, F, k, stride, padding, dilation, H, W=None) -> int:
     """Nominal FLOPs (2 per multiply-add) of a square-kernel conv forward, counting taps that read padding."""
     W = H if W is None else W
-    Ho = (H + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-    Wo = (W + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    Ho, Wo = (conv_output_size(n, k, stride, padding, dilation) for n in (H, W))
     return 2 * N * F * C * k * k * Ho * Wo
 
 
 def write_json(path: str, obj) -> None:
-    """Atomic write (see ``write_text``), creating the folder."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Atomic write (``io.atomic_write`` creates the folder)."""
     write_text(path, json.dumps(obj, indent=1))
 
 
