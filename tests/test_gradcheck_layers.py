@@ -108,6 +108,17 @@ def conv_bn_relu_pool(rng):
     return net.train(), (randn(rng, 2, 2, 7, 6),)
 
 
+def bn_relu_inplace(train):
+    """ReLU(inplace=True) as the models use it: overwriting the fresh output of the batch norm before it."""
+    def make(rng):
+        net = nn.Sequential(nn.BatchNorm2d(3, dtype=F64), nn.ReLU(inplace=True))
+        if not train:
+            bn = net[0]
+            bn.running_mean[...], bn.running_var[...] = randn(rng, 3) * 0.1, rng.uniform(0.5, 2.0, 3)
+        return net.train(train), (distinct(rng, 2, 3, 4, 5),)
+    return make
+
+
 CASES = [
     # Conv2d: every configuration with the layer's own choice of algorithm, then forced through each path
     *[("Conv2d", case_id, conv(shape, *args, **kw)) for case_id, shape, args, kw in CONV_CONFIGS],
@@ -121,6 +132,9 @@ CASES = [
     ("BatchNorm2d", "eval_affine_false", bn_eval((2, 3, 4, 3), affine=False)),
     # elementwise
     ("ReLU", "relu", simple(nn.ReLU, (2, 3, 4, 5), distinct)),
+    ("ReLU", "relu_eval_mask_from_output", simple(lambda: nn.ReLU().eval(), (2, 3, 4, 5), distinct)),
+    ("ReLU", "bn_relu_inplace_train", bn_relu_inplace(train=True)),
+    ("ReLU", "bn_relu_inplace_eval", bn_relu_inplace(train=False)),
     ("Sigmoid", "sigmoid", simple(nn.Sigmoid, (2, 3, 4, 5), lambda rng, *s: 4 * randn(rng, *s))),
     ("Dropout", "p0.3_train", dropout((2, 3, 4, 5), 0.3)),
     ("Dropout", "eval", simple(lambda: nn.Dropout(0.5, rng=np.random.default_rng(1)).eval(), (2, 3, 4, 5))),
@@ -226,3 +240,23 @@ def test_sampled_check_of_large_tensors():
     assert checked["bias"] == 5                      # small: every entry
     assert checked["input"] in (10, 11) and checked["weight"] in (10, 11)
     assert result.passed
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_relu_inplace_overwrites_its_input_and_matches_the_copying_relu(xp, train):
+    rng = np.random.default_rng(3)
+    x = xp.asarray(rng.standard_normal((2, 3, 4, 5)).astype(np.float32))
+    dout = xp.asarray(rng.standard_normal((2, 3, 4, 5)).astype(np.float32))
+    copying, inplace = nn.ReLU().train(train), nn.ReLU(inplace=True).train(train)
+    expected = copying(x)
+    x_before = x.copy()
+    out = inplace(x)
+    assert out is x                                            # the input array now holds the result
+    np.testing.assert_array_equal(to_device(out, "cpu"), to_device(expected, "cpu"))
+    assert bool((x_before != expected).any())                  # so the input really was overwritten
+    dx = inplace.backward(dout)
+    np.testing.assert_array_equal(to_device(dx, "cpu"), to_device(copying.backward(dout), "cpu"))
+    np.testing.assert_array_equal(to_device(dx, "cpu"), to_device(dout * (x_before > 0), "cpu"))
+    # what each mode keeps for backward: the mask in training, only the output (no mask) in eval
+    assert (inplace.mask is not None, inplace.out is None) == (train, train)
+    assert repr(inplace) == "ReLU(inplace=True)" and repr(copying) == "ReLU()"

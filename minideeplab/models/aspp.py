@@ -17,7 +17,7 @@ def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 1, dila
     padding = dilation if kernel_size == 3 else 0
     return _Named(conv=Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation,
                               bias=False, rng=rng, dtype=dtype),
-                  bn=BatchNorm2d(out_channels, dtype=dtype), relu=ReLU())
+                  bn=BatchNorm2d(out_channels, dtype=dtype), relu=ReLU(inplace=True))
 
 
 class ASPPPooling(Module):
@@ -36,7 +36,7 @@ class ASPPPooling(Module):
         self.gap = AdaptiveAvgPool2d(1)
         self.conv = Conv2d(in_channels, out_channels, 1, bias=False, rng=rng, dtype=dtype)
         self.bn = BatchNorm2d(out_channels, dtype=dtype)
-        self.relu = ReLU()
+        self.relu = ReLU(inplace=True)
         self.upsample = Upsample(size=(1, 1), mode="bilinear", align_corners=False)
 
     def forward(self, x):
@@ -88,7 +88,7 @@ class ASPP(Module):
         self.pooling = ASPPPooling(in_channels, out_channels, rng=rng, dtype=dtype)
         self.concat = Concat(dim=1)
         self.project = _Named(conv=Conv2d(5 * out_channels, out_channels, 1, bias=False, rng=rng, dtype=dtype),
-                              bn=BatchNorm2d(out_channels, dtype=dtype), relu=ReLU(),
+                              bn=BatchNorm2d(out_channels, dtype=dtype), relu=ReLU(inplace=True),
                               dropout=Dropout(dropout, rng=rng))
 
     def forward(self, x):

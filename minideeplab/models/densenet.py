@@ -34,7 +34,8 @@ class DenseLayer(_Named):
     """BN → ReLU → 1×1 conv (bottleneck, ``bn_size * growth_rate``) → BN → ReLU → 3×3 conv (``growth_rate``).
 
     Returns only the *new* features; the block appends them to its buffer. ``norm1`` reads a channel-prefix
-    view of that buffer, which is safe because no layer here writes to its input.
+    view of that buffer, which is safe because no layer here writes to its input except the ReLUs, which
+    (``inplace=True``, as in torchvision) overwrite the fresh output of the batch norm before them.
 
     Shapes:
         x: (N, C_in, H, W) -> new: (N, growth_rate, H, W) (padding = dilation keeps H, W).
@@ -51,9 +52,9 @@ class DenseLayer(_Named):
                  rng: np.random.Generator | None = None, dtype=np.float32):
         mid = bn_size * growth_rate
         super().__init__(
-            norm1=BatchNorm2d(num_input_features, dtype=dtype), relu1=ReLU(),
+            norm1=BatchNorm2d(num_input_features, dtype=dtype), relu1=ReLU(inplace=True),
             conv1=Conv2d(num_input_features, mid, 1, bias=False, rng=rng, dtype=dtype),
-            norm2=BatchNorm2d(mid, dtype=dtype), relu2=ReLU(),
+            norm2=BatchNorm2d(mid, dtype=dtype), relu2=ReLU(inplace=True),
             conv2=Conv2d(mid, growth_rate, 3, padding=dilation, dilation=dilation, bias=False, rng=rng, dtype=dtype))
 
 
@@ -133,7 +134,7 @@ class Transition(_Named):
 
     def __init__(self, num_input_features: int, num_output_features: int, pool: bool = True,
                  rng: np.random.Generator | None = None, dtype=np.float32):
-        super().__init__(norm=BatchNorm2d(num_input_features, dtype=dtype), relu=ReLU(),
+        super().__init__(norm=BatchNorm2d(num_input_features, dtype=dtype), relu=ReLU(inplace=True),
                          conv=Conv2d(num_input_features, num_output_features, 1, bias=False, rng=rng, dtype=dtype),
                          pool=AvgPool2d(2, 2) if pool else Identity())
 
@@ -174,7 +175,7 @@ class DenseNet(Module):
         self.block_config, self.growth_rate = block_config, int(growth_rate)
         features = _Named(
             conv0=Conv2d(3, num_init_features, 7, stride=2, padding=3, bias=False, rng=rng, dtype=dtype),
-            norm0=BatchNorm2d(num_init_features, dtype=dtype), relu0=ReLU(),
+            norm0=BatchNorm2d(num_init_features, dtype=dtype), relu0=ReLU(inplace=True),
             pool0=MaxPool2d(3, stride=2, padding=1))
         c = num_init_features
         for i, n in enumerate(block_config):
@@ -185,7 +186,7 @@ class DenseNet(Module):
                 features.add_module(f"transition{i + 1}", Transition(c, c // 2, pooled[i], rng=rng, dtype=dtype))
                 c //= 2
         features.add_module("norm5", BatchNorm2d(c, dtype=dtype))
-        features.add_module("relu5", ReLU())
+        features.add_module("relu5", ReLU(inplace=True))
         self.features = features
         self.out_channels = c
 

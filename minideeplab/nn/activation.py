@@ -19,25 +19,44 @@ def sigmoid(x):
 
 
 class ReLU(Module):
-    """max(x, 0). Shapes: any -> same."""
+    """max(x, 0). Shapes: any -> same.
 
-    def __init__(self):
+    Args:
+        inplace: overwrite ``x`` with the result instead of allocating a new array (PyTorch's and torchvision's
+            ``ReLU(inplace=True)``). Only for an input nobody else reads afterwards, such as the fresh output of
+            the BatchNorm2d before it (batch norm keeps its input, never its output): it saves one full-size
+            array and one write stream per call.
+
+    Training mode keeps the mask ``x > 0`` for backward (one byte per value, cheapest to apply). Eval mode keeps
+    only a reference to the output, which the next layer holds anyway, and backward rebuilds the mask from it
+    (``out > 0`` exactly where ``x > 0``): inference never pays for a mask it does not use.
+    """
+
+    def __init__(self, inplace: bool = False):
         super().__init__()
-        self.mask = None  # x > 0
+        self.inplace = bool(inplace)
+        self.mask = None  # x > 0 (training mode)
+        self.out = None   # the output (eval mode)
 
     def forward(self, x):
         _check_float("ReLU", x)
         xp = get_array_module(x)
-        self.mask = x > 0
-        return xp.maximum(x, 0)
+        self.mask = x > 0 if self.training else None
+        out = xp.maximum(x, 0, out=x if self.inplace else None)
+        self.out = None if self.training else out
+        return out
 
     def backward(self, dout):
-        self._need(self.mask)
+        mask = self.mask if self.mask is not None else (None if self.out is None else self.out > 0)
+        self._need(mask)
         # dL/dx = dout where x > 0, else 0 (a new array: dout is never modified)
-        return dout * self.mask
+        return dout * mask
 
     def _clear_cache(self):
-        self.mask = None
+        self.mask = self.out = None
+
+    def extra_repr(self):
+        return "inplace=True" if self.inplace else ""
 
 
 class Sigmoid(Module):
