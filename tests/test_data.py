@@ -79,8 +79,12 @@ def test_per_pixel_colour_does_not_solve_synthetic_shapes():
     even with the IoU-maximising threshold picked on the test images themselves."""
     ds = SyntheticShapes(48, size=48, seed=0, normalize=False)
     pairs = [ds.raw(i) for i in range(len(ds))]
-    rgb = lambda ps: np.concatenate([im.reshape(-1, 3) for im, _ in ps])
-    gt = lambda ps: np.concatenate([m.reshape(-1) for _, m in ps]) > 0.5
+
+    def rgb(ps):
+        return np.concatenate([im.reshape(-1, 3) for im, _ in ps])
+
+    def gt(ps):
+        return np.concatenate([m.reshape(-1) for _, m in ps]) > 0.5
     w = _logistic_regression(rgb(pairs[:24]), gt(pairs[:24]).astype(np.float64))
     x_test, y_test = rgb(pairs[24:]), gt(pairs[24:])
     p = 1 / (1 + np.exp(-(np.c_[x_test, np.ones(len(x_test))] @ w)))

@@ -101,7 +101,9 @@ def _join(graph: Graph, name: str, srcs: list) -> int:
 def _walk(module, name: str, src: int, graph: Graph, resize_to=None) -> int:
     kind = type(module).__name__
     children = list(module.named_children())
-    sub = (lambda child: f"{name}.{child}" if name else child)
+
+    def sub(child):
+        return f"{name}.{child}" if name else child
     if isinstance(module, (Conv2d, MaxPool2d, AvgPool2d)):
         out = _spatial(module, name, src, graph)
     elif isinstance(module, AdaptiveAvgPool2d):
