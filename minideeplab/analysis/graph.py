@@ -104,6 +104,7 @@ def _walk(module, name: str, src: int, graph: Graph, resize_to=None) -> int:
 
     def sub(child):
         return f"{name}.{child}" if name else child
+
     if isinstance(module, (Conv2d, MaxPool2d, AvgPool2d)):
         out = _spatial(module, name, src, graph)
     elif isinstance(module, AdaptiveAvgPool2d):
