@@ -168,11 +168,12 @@ def test_batch_of_one_in_training_is_a_clear_error_and_works_in_eval():
 def test_dense_block_layers_read_views_of_one_buffer():
     rng = np.random.default_rng(3)
     block = DenseBlock(4, 6, 2, 3, rng=rng, dtype=np.float64)
-    seen = []
+    seen, seen_stats = [], []
     for layer in block.children():   # record what each layer received
-        def spy(x, _forward=layer.forward):
+        def spy(x, stats=None, _forward=layer.forward):
             seen.append(x)
-            return _forward(x)
+            seen_stats.append(stats)
+            return _forward(x, stats)
         layer.forward = spy
     x = rng.standard_normal((2, 6, 5, 5))
     x_before = x.copy()
@@ -184,7 +185,19 @@ def test_dense_block_layers_read_views_of_one_buffer():
     for i, inp in enumerate(seen):
         assert inp.shape[1] == 6 + 3 * i
         assert np.shares_memory(inp, out), f"layer {i + 1} got a copy, not a view of the block buffer"
-    # the buffer holds exactly what a naive concatenation would have produced
+    # training mode: each layer got the batch statistics of its prefix, as views of one shared centred buffer
+    first = seen_stats[0][0]
+    for inp, (centered, mean, var) in zip(seen, seen_stats):
+        assert np.shares_memory(centered, first) or centered is first
+        n = inp.shape[0] * inp.shape[2] * inp.shape[3]
+        np.testing.assert_allclose(mean, inp.mean(axis=(0, 2, 3)), rtol=1e-12)
+        np.testing.assert_allclose(var, inp.var(axis=(0, 2, 3)), rtol=1e-12)
+        np.testing.assert_allclose(centered, inp - inp.mean(axis=(0, 2, 3), keepdims=True), atol=1e-12)
+        assert n == 50
+    assert block.denselayer4.norm1.centered.base is not None        # a view, not a copy per layer
+    assert np.shares_memory(block.denselayer4.norm1.centered, block.denselayer2.norm1.centered)
+    # the buffer holds exactly what a naive concatenation would have produced (each layer computing its own
+    # batch statistics there)
     feats = [x]
     for layer in block.children():
         feats.append(layer(np.concatenate(feats, axis=1)))
@@ -207,7 +220,7 @@ class _Stub(nn.Module):
         super().__init__()
         self.growth = growth
 
-    def forward(self, x):
+    def forward(self, x, stats=None):
         return np.ones((x.shape[0], self.growth) + x.shape[2:], x.dtype)
 
 
@@ -227,7 +240,7 @@ def test_dense_block_allocates_its_concatenation_once():
         return np.concatenate(feats, axis=1)
 
     peaks = {}
-    for name, fn in (("buffer", lambda: block(x)), ("naive", naive)):
+    for name, fn in (("buffer", lambda: block.eval()(x)), ("naive", naive), ("train", lambda: block.train()(x))):
         tracemalloc.start()
         out = fn()
         peaks[name] = tracemalloc.get_traced_memory()[1]
@@ -238,6 +251,8 @@ def test_dense_block_allocates_its_concatenation_once():
     assert peaks["buffer"] < buffer_bytes + 2 * layer_bytes + 64 * 1024, peaks
     # naive concatenation holds the feature list and a full concatenated copy at the same time
     assert peaks["naive"] > 1.8 * buffer_bytes, peaks
+    # training adds ONE buffer of centred values (SharedBatchStatistics), not one per layer
+    assert peaks["train"] < 2 * buffer_bytes + 3 * layer_bytes + 64 * 1024, peaks
 
 
 # -- config, summary, devices ---------------------------------------------------------------------------------

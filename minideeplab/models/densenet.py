@@ -11,6 +11,7 @@ import numpy as np
 from ..backend import get_array_module
 from ..nn import AvgPool2d, BatchNorm2d, Conv2d, Identity, MaxPool2d, Module, ReLU, Sequential
 from ..nn.functional import check_input
+from ..nn.norm import batch_statistics
 
 OUTPUT_STRIDES = (8, 16, 32)
 
@@ -57,6 +58,40 @@ class DenseLayer(_Named):
             norm2=BatchNorm2d(mid, dtype=dtype), relu2=ReLU(inplace=True),
             conv2=Conv2d(mid, growth_rate, 3, padding=dilation, dilation=dilation, bias=False, rng=rng, dtype=dtype))
 
+    def forward(self, x, stats=None):
+        """``stats``: the batch statistics of ``x`` when the block has them already (see ``SharedBatchStatistics``)."""
+        bottleneck = self.conv1(self.relu1(self.norm1(x, stats)))
+        return self.conv2(self.relu2(self.norm2(bottleneck)))
+
+
+class SharedBatchStatistics:
+    """Batch mean, variance and centred values of a dense block's buffer, each channel computed once.
+
+    Every ``norm1`` in a block normalises a prefix of the same buffer, and in training mode a channel's batch
+    mean and variance do not depend on which layer asks (only gamma and beta differ). Computed by each layer
+    itself, channel c of the block input would be centred and reduced once per layer, and every layer would
+    keep its own centred copy of its whole prefix for backward (memory growing with the square of the number
+    of layers). Here the statistics of each channel are computed the first time a layer reads it, into one
+    buffer the size of the block's output; each ``norm1`` receives views of it. The gradients are unchanged:
+    each batch norm's backward still differentiates through its own mean and variance.
+
+    Shapes: buf: (N, C_total, H, W); ``prefix(c)`` -> (centered (N, c, H, W), mean (c,), var (c,)).
+    """
+
+    def __init__(self, buf):
+        xp = get_array_module(buf)
+        self.buf, self.done = buf, 0
+        self.centered = xp.empty(buf.shape, dtype=buf.dtype)
+        self.mean = xp.empty(buf.shape[1], dtype=buf.dtype)
+        self.var = xp.empty(buf.shape[1], dtype=buf.dtype)
+
+    def prefix(self, c: int):
+        if c > self.done:                     # channels appended since the last call
+            new = slice(self.done, c)
+            self.centered[:, new], self.mean[new], self.var[new] = batch_statistics(self.buf[:, new])
+            self.done = c
+        return self.centered[:, :c], self.mean[:c], self.var[:c]
+
 
 class DenseBlock(Module):
     """``num_layers`` DenseLayers, each seeing the concatenation of the block input and all earlier outputs.
@@ -94,9 +129,11 @@ class DenseBlock(Module):
         N, C0, H, W = x.shape
         buf = xp.empty((N, self.out_channels, H, W), dtype=x.dtype)   # the one concatenation buffer
         buf[:, :C0] = x
+        shared = SharedBatchStatistics(buf) if self.training else None
         c = C0
         for layer in self.children():
-            buf[:, c:c + self.growth_rate] = layer(buf[:, :c])   # read prefix view, write own slice
+            stats = shared.prefix(c) if shared is not None else None
+            buf[:, c:c + self.growth_rate] = layer(buf[:, :c], stats)   # read prefix view, write own slice
             c += self.growth_rate
         self.buffer_shape = buf.shape
         return buf

@@ -8,6 +8,21 @@ from .functional import channel_sum, check_dtype, check_input
 from .module import Module, Parameter
 
 
+def batch_statistics(x):
+    """``(x - mean, mean, var)`` per channel over (N, H, W), ``var`` biased: what a training-mode batch norm needs.
+
+    Per-channel sums by ``channel_sum`` (BLAS products on NumPy, also for a channel-prefix view of a dense
+    block's buffer; plain reductions on CuPy). Two passes (mean, then the centred squares) keep the variance
+    accurate in float32.
+
+    Shapes: x: (N, C, H, W) -> centered: (N, C, H, W), mean: (C,), var: (C,).
+    """
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = channel_sum(x) / n
+    centered = x - mean[:, None, None]
+    return centered, mean, channel_sum(centered, centered) / n
+
+
 class BatchNorm2d(Module):
     """y = weight * (x - mean) / sqrt(var + eps) + bias, statistics per channel.
 
@@ -40,7 +55,9 @@ class BatchNorm2d(Module):
         self.inv_std = None    # 1 / sqrt(var + eps), shape (C,)
         self.batch_stats = None  # whether forward used batch statistics (train) or running ones (eval)
 
-    def forward(self, x):
+    def forward(self, x, stats=None):
+        """``stats``: optionally ``(centered, mean, var)`` of ``x`` already computed by the caller (``batch_statistics``;
+        a dense block shares them between its layers). Used in training mode only."""
         check_input("BatchNorm2d", x, self.num_features)
         check_dtype("BatchNorm2d", x, self.running_mean)
         xp = get_array_module(x)
@@ -57,13 +74,12 @@ class BatchNorm2d(Module):
         if n < 2:
             raise ValueError(f"BatchNorm2d: training needs more than one value per channel, got input shape "
                              f"{tuple(x.shape)} (N*H*W = {n}); use a batch of at least 2 or call .eval()")
-        # Per-channel sums by channel_sum (BLAS products on NumPy, also for a channel-prefix view of a dense
-        # block's buffer; plain reductions on CuPy). Two passes (mean, then the centred squares) keep the
-        # variance accurate in float32. xhat = centered * inv_std is never
-        # materialised: out = centered * (gamma * inv_std) + beta, and backward folds inv_std into its constants.
-        mean = channel_sum(x) / n
-        centered = x - mean[:, None, None]
-        var = channel_sum(centered, centered) / n
+        # xhat = centered * inv_std is never materialised: out = centered * (gamma * inv_std) + beta, and
+        # backward folds inv_std into its constants.
+        if stats is not None and (stats[0].shape != x.shape or stats[1].shape != (x.shape[1],)):
+            raise ValueError(f"BatchNorm2d: stats must be (centered {tuple(x.shape)}, mean ({x.shape[1]},), var), "
+                             f"got centered {tuple(stats[0].shape)} and mean {tuple(stats[1].shape)}")
+        centered, mean, var = batch_statistics(x) if stats is None else stats
         m = self.momentum
         self.running_mean[...] = (1 - m) * self.running_mean + m * mean
         self.running_var[...] = (1 - m) * self.running_var + m * var * (n / (n - 1))
