@@ -9,7 +9,9 @@ subprocess* so that peak memory does not mix between phases and the two thread p
 training step is forward, BCE-with-logits loss, backward, SGD step (momentum 0.9). PyTorch's model is
 ``torch_oracle.to_torch(model)``: the same architecture with the same weights. Times are the median of
 ``--repeats`` runs after ``--warmup`` runs, with BLAS/OpenMP threads fixed to ``--threads`` (default: the
-cores this process may use); on CUDA every timed run ends with a device synchronisation. Peak RSS is the
+cores this process may use); on CUDA every timed run ends with a device synchronisation. On a shared machine
+whose speed drifts, ``--rounds R`` alternates the two frameworks' phases R times and reports the median of
+the R back-to-back ratios. Peak RSS is the
 phase process's high-water mark, reset (Linux ``/proc/self/clear_refs``) after the model and data are built.
 A fifth phase profiles our training step by layer type (``profiler.TypeProfiler``) and measures the conv
 GEMM efficiency against ``matmul`` on the same shapes. Results: a JSON file and a Markdown table in
@@ -271,6 +273,20 @@ def _median(result, key="times_s"):
     return statistics.median(result[key]) if result.get(key) else None
 
 
+def merge_rounds(results: list[dict]) -> dict:
+    """One phase's results over several rounds: lists joined (times, CPU times), the largest peak RSS, an error
+    if any round failed; other fields from the first round."""
+    failed = [r for r in results if "error" in r or "skipped" in r]
+    if failed or len(results) == 1:
+        return failed[0] if failed else results[0]
+    merged = dict(results[0])
+    for key, value in results[0].items():
+        if isinstance(value, list):
+            merged[key] = [v for r in results for v in r[key]]
+    merged["peak_rss_mib"] = max(r["peak_rss_mib"] for r in results)
+    return merged
+
+
 def _fmt(v, spec="{:.3f}"):
     return "-" if v is None else spec.format(v)
 
@@ -280,8 +296,11 @@ def markdown(report: dict) -> str:
     where = f"{a['threads']} threads"
     if a["device"] == "cuda":
         where = report["machine"].get("gpu", "GPU")
+    rounds = a.get("rounds", 1)
+    runs = f"median of {a['repeats']}" + (f" x {rounds} alternating rounds (ratio: median of the rounds' ratios)"
+                                          if rounds > 1 else "")
     lines = [(f"### DeepLabV3-DenseNet121, batch {a['batch']}x3x{a['size']}x{a['size']} float32, {a['device']}, "
-              f"{where}, median of {a['repeats']}"), "",
+              f"{where}, {runs}"), "",
              ("| OS | phase | ours (s) | PyTorch (s) | ratio | best-of ratio | ours CPU (s) | PyTorch CPU (s) "
               "| CPU ratio | ours peak RSS (MiB) | PyTorch peak RSS (MiB) |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -317,6 +336,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=None, help="image side (default 256; --quick: 64)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per phase (default 5; --quick: 2)")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternate ours/PyTorch phases this many times; the ratio is the median of the rounds' ratios")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--quick", action="store_true", help="tiny config (DeepLabConfig.small) at 64x64: smoke run")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch phases")
@@ -339,24 +360,34 @@ def main(argv=None) -> int:
     size = args.size or (64 if args.quick else 256)
     repeats = args.repeats or (2 if args.quick else 5)
     with_torch = not args.no_torch and find_spec("torch") is not None
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     base = {"device": args.device, "batch": args.batch, "size": size, "repeats": repeats, "warmup": args.warmup,
             "threads": args.threads}
-    report = {"args": dict(base, quick=args.quick), "machine": machine_info(), "rows": []}
+    report = {"args": dict(base, quick=args.quick, rounds=args.rounds), "machine": machine_info(), "rows": []}
     print(f"minideeplab bench: {args.device}, batch {args.batch}x3x{size}x{size}, {args.threads} threads, "
           f"median of {repeats}" + ("" if with_torch else " (torch not installed: ours only)"), flush=True)
     for os_ in oss:
         config = (DeepLabConfig.small(output_stride=os_) if args.quick else DeepLabConfig(output_stride=os_))
         for mode in ("eval", "train"):
             spec = dict(base, config=config.to_dict(), mode=mode)
-            ours = spawn_phase(dict(spec, framework="ours"), args.phase_timeout)
-            theirs = spawn_phase(dict(spec, framework="torch"), args.phase_timeout) if with_torch else {}
-            for r in (ours, theirs):
-                if "error" in r or "skipped" in r:
-                    print("  " + r.get("error", r.get("skipped")), file=sys.stderr)
+            rounds = []                      # (ours, torch) phase results, alternating
+            for _ in range(args.rounds):
+                ours = spawn_phase(dict(spec, framework="ours"), args.phase_timeout)
+                theirs = spawn_phase(dict(spec, framework="torch"), args.phase_timeout) if with_torch else {}
+                rounds.append((ours, theirs))
+                for r in (ours, theirs):
+                    if "error" in r or "skipped" in r:
+                        print("  " + r.get("error", r.get("skipped")), file=sys.stderr)
+            ours, theirs = merge_rounds([o for o, _ in rounds]), merge_rounds([t for _, t in rounds])
             row = {"output_stride": os_, "mode": mode, "ours_s": _median(ours), "torch_s": _median(theirs),
                    "ours_peak_rss_mib": ours.get("peak_rss_mib"), "torch_peak_rss_mib": theirs.get("peak_rss_mib"),
                    "ours": ours, "torch": theirs}
-            row["ratio"] = row["ours_s"] / row["torch_s"] if row["ours_s"] and row["torch_s"] else None
+            # each round's ratio compares two phases run back to back; their median resists a machine whose
+            # speed drifts between phases (a shared VM), which a ratio of pooled medians does not
+            round_ratios = [_median(o) / _median(t) for o, t in rounds if _median(o) and _median(t)]
+            row["round_ratios"] = round_ratios
+            row["ratio"] = statistics.median(round_ratios) if round_ratios else None
             row["best_ratio"] = (min(ours["times_s"]) / min(theirs["times_s"])
                                  if ours.get("times_s") and theirs.get("times_s") else None)
             row["ours_cpu_s"], row["torch_cpu_s"] = _median(ours, "cpu_s"), _median(theirs, "cpu_s")

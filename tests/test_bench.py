@@ -14,18 +14,22 @@ torch_installed = importlib.util.find_spec("torch") is not None
 
 
 def test_quick_bench_writes_json_and_markdown(tmp_path):
-    rc = bench.main(["--quick", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path)])
+    rc = bench.main(["--quick", "--repeats", "1", "--warmup", "0", "--threads", "1", "--rounds", "2",
+                     "--out", str(tmp_path)])
     assert rc == 0
     report = json.loads((tmp_path / "bench_cpu_quick.json").read_text())
     md = (tmp_path / "bench_cpu_quick.md").read_text()
     assert [(r["output_stride"], r["mode"]) for r in report["rows"]] == [(16, "eval"), (16, "train")]
     for r in report["rows"]:
-        assert len(r["ours"]["times_s"]) == 1 and r["ours_s"] > 0
+        assert len(r["ours"]["times_s"]) == 2 and r["ours_s"] > 0      # one timed run in each of 2 rounds
         assert r["ours_peak_rss_mib"] > 10
         if torch_installed:
-            assert r["torch_s"] > 0 and r["ratio"] == pytest.approx(r["ours_s"] / r["torch_s"])
+            (o1, o2), (t1, t2) = r["ours"]["times_s"], r["torch"]["times_s"]
+            assert r["round_ratios"] == pytest.approx([o1 / t1, o2 / t2])
+            assert r["ratio"] == pytest.approx((o1 / t1 + o2 / t2) / 2)   # the median of two ratios
         else:
-            assert r["torch_s"] is None and r["ratio"] is None
+            assert r["torch_s"] is None and r["ratio"] is None and r["round_ratios"] == []
+    assert "x 2 alternating rounds" in md
     prof = report["profile"]
     cats = {p["category"] for p in prof["profile"]}
     assert {"conv forward", "conv backward", "batch norm", "relu", "pooling", "optimizer", "loss"} <= cats
@@ -76,3 +80,19 @@ def test_conv_flops_matches_hand_count():
     assert bench.conv_flops(2, 128, 32, 3, 1, 1, 1, 64) == 2 * 2 * 32 * 128 * 9 * 4096
     # 7x7 stride 2 padding 3 at 256: output 128x128
     assert bench.conv_flops(2, 3, 64, 7, 2, 3, 1, 256) == 2 * 2 * 64 * 3 * 49 * 128 * 128
+
+
+def test_merge_rounds_joins_times_and_keeps_the_worst_peak():
+    a = {"times_s": [1.0, 2.0], "cpu_s": [1.5, 2.5], "peak_rss_mib": 100.0, "torch": "2.13"}
+    b = {"times_s": [3.0], "cpu_s": [3.5], "peak_rss_mib": 120.0, "torch": "2.13"}
+    merged = bench.merge_rounds([a, b])
+    assert merged == {"times_s": [1.0, 2.0, 3.0], "cpu_s": [1.5, 2.5, 3.5], "peak_rss_mib": 120.0, "torch": "2.13"}
+    assert bench.merge_rounds([a]) is a
+    failed = {"error": "phase ours train timed out after 1 s"}
+    assert bench.merge_rounds([a, failed]) is failed
+
+
+def test_bench_rejects_zero_rounds(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--rounds", "0"])
+    assert "--rounds must be at least 1" in capsys.readouterr().err
