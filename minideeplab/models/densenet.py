@@ -102,6 +102,7 @@ class DenseBlock(Module):
     ``buffer[:, :C_in + (l-1)*k]`` (a view, no copy) and writes its k new channels into its own slice.
     The buffer is the block's output. (torchvision's ``memory_efficient`` option reaches a similar
     saving by recomputing the concatenations in backward; here they are never materialised at all.)
+    In training mode the ``norm1`` layers likewise share one ``SharedBatchStatistics`` of the buffer.
 
     Shapes:
         x: (N, C_in, H, W) -> out: (N, C_in + num_layers * growth_rate, H, W).
