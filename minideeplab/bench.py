@@ -283,7 +283,9 @@ def merge_rounds(results: list[dict]) -> dict:
     for key, value in results[0].items():
         if isinstance(value, list):
             merged[key] = [v for r in results for v in r[key]]
-    merged["peak_rss_mib"] = max(r["peak_rss_mib"] for r in results)
+    peaks = [r["peak_rss_mib"] for r in results if "peak_rss_mib" in r]
+    if peaks:
+        merged["peak_rss_mib"] = max(peaks)
     return merged
 
 

@@ -88,6 +88,7 @@ def test_merge_rounds_joins_times_and_keeps_the_worst_peak():
     merged = bench.merge_rounds([a, b])
     assert merged == {"times_s": [1.0, 2.0, 3.0], "cpu_s": [1.5, 2.5, 3.5], "peak_rss_mib": 120.0, "torch": "2.13"}
     assert bench.merge_rounds([a]) is a
+    assert bench.merge_rounds([{}, {}]) == {}            # torch not installed: no PyTorch results in any round
     failed = {"error": "phase ours train timed out after 1 s"}
     assert bench.merge_rounds([a, failed]) is failed
 
