@@ -141,6 +141,8 @@ CASES = [
     # pooling
     ("MaxPool2d", "k3_s2_p1", simple(lambda: nn.MaxPool2d(3, stride=2, padding=1), (2, 3, 9, 8), distinct)),
     ("MaxPool2d", "k2", simple(lambda: nn.MaxPool2d(2), (2, 2, 6, 7), distinct)),
+    ("MaxPool2d", "k3_s2_p1_eval_winners_in_backward",
+     simple(lambda: nn.MaxPool2d(3, stride=2, padding=1).eval(), (2, 3, 9, 8), distinct)),
     ("MaxPool2d", "k3x2_s1x2_p1x0", simple(lambda: nn.MaxPool2d((3, 2), stride=(1, 2), padding=(1, 0)),
                                           (1, 2, 5, 7), distinct)),
     ("AvgPool2d", "k3_s2_p1", simple(lambda: nn.AvgPool2d(3, stride=2, padding=1), (2, 3, 9, 8))),
@@ -260,3 +262,16 @@ def test_relu_inplace_overwrites_its_input_and_matches_the_copying_relu(xp, trai
     # what each mode keeps for backward: the mask in training, only the output (no mask) in eval
     assert (inplace.mask is not None, inplace.out is None) == (train, train)
     assert repr(inplace) == "ReLU(inplace=True)" and repr(copying) == "ReLU()"
+
+
+def test_maxpool_eval_keeps_no_argmax_and_routes_ties_like_training(xp):
+    """Eval forward computes only the maximum; its backward finds the winners, first one on ties as in training."""
+    rng = np.random.default_rng(4)
+    x = xp.asarray(rng.integers(0, 3, (2, 3, 7, 6)).astype(np.float32))     # many ties
+    dout = xp.asarray(rng.standard_normal((2, 3, 4, 3)).astype(np.float32))
+    train_pool, eval_pool = nn.MaxPool2d(3, stride=2, padding=1), nn.MaxPool2d(3, stride=2, padding=1).eval()
+    out_train, out_eval = train_pool(x), eval_pool(x)
+    assert eval_pool.argmax is None and train_pool.argmax is not None
+    np.testing.assert_array_equal(to_device(out_eval, "cpu"), to_device(out_train, "cpu"))
+    np.testing.assert_array_equal(to_device(eval_pool.backward(dout), "cpu"),
+                                  to_device(train_pool.backward(dout), "cpu"))

@@ -59,30 +59,41 @@ class MaxPool2d(_Pool2d):
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__(kernel_size, stride, padding)
         self.argmax = None  # (N, C, Ho, Wo) index of the winning tap; first one on ties, as PyTorch
+        self.x = None       # eval mode keeps the input instead; backward finds the winners then
 
     def forward(self, x):
+        # eval: only the maximum (a third of the work); the winners are found in backward, if it is ever called
+        out, self.argmax = self._max(x, with_argmax=self.training)
+        self.x = None if self.training else x
+        return out
+
+    def _max(self, x, with_argmax: bool):
         xp = get_array_module(x)
         out = argmax = None
         for tap, _, _, win in self._windows(x, -xp.inf):
             if out is None:
-                out, argmax = win.copy(), xp.zeros(win.shape, dtype=xp.int8 if self.n_taps < 128 else xp.int32)
+                out = win.copy()
+                if with_argmax:
+                    argmax = xp.zeros(win.shape, dtype=xp.int8 if self.n_taps < 128 else xp.int32)
             else:
-                # branch-free updates: a masked copy (copyto(where=), out[mask] = ...) on a random mask is ~10x
-                # slower than elementwise arithmetic, which mispredicts nothing
-                better = (win > out).view(xp.int8)       # strictly greater: the first maximum wins ties
-                argmax += better * (argmax.dtype.type(tap) - argmax)
+                if with_argmax:
+                    # branch-free updates: a masked copy (copyto(where=), out[mask] = ...) on a random mask is
+                    # ~10x slower than elementwise arithmetic, which mispredicts nothing
+                    better = (win > out).view(xp.int8)       # strictly greater: the first maximum wins ties
+                    argmax += better * (argmax.dtype.type(tap) - argmax)
                 xp.maximum(out, win, out=out)
-        self.argmax = argmax
-        return out
+        return out, argmax
 
     def backward(self, dout):
+        if self.argmax is None and self.x is not None:     # eval forward: find the winners now
+            self.argmax = self._max(self.x, with_argmax=True)[1]
         self._need(self.argmax)
         # dL/dx = dout routed to the input that won each window (summed where windows overlap)
         return self._scatter(lambda tap: dout * (self.argmax == tap), dout)
 
     def _clear_cache(self):
         super()._clear_cache()
-        self.argmax = None
+        self.argmax = self.x = None
 
 
 class AvgPool2d(_Pool2d):
