@@ -17,6 +17,17 @@ if TYPE_CHECKING:
     from .optim import Optimizer
 
 
+def check_state_kind(owner: str, state: dict, kind_key: str, what: str, required) -> None:
+    """Raise ValueError naming ``owner`` when ``state`` was saved by another kind of ``what`` (its ``kind_key``
+    entry) or lacks a ``required`` key. Shared by the schedules' and the optimizers' ``load_state_dict``."""
+    kind = str(np.asarray(state.get(kind_key, "")))
+    if kind != owner:
+        raise ValueError(f"{owner}.load_state_dict: the state is from {what} {kind or '(missing)'!r}, not {owner}")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"{owner}.load_state_dict: missing keys {missing}")
+
+
 def _check_nonneg(cls: str, name: str, value) -> None:
     if not isinstance(value, (int, float)) or value < 0:
         raise ValueError(f"{cls}: {name} must be a number >= 0, got {value!r}")
@@ -71,14 +82,8 @@ class LRScheduler:
         return out
 
     def load_state_dict(self, state: dict) -> None:
-        cls = type(self).__name__
-        kind = str(np.asarray(state.get("scheduler", "")))
-        if kind != cls:
-            raise ValueError(f"{cls}.load_state_dict: the state is from schedule {kind or '(missing)'!r}, not {cls}")
-        missing = [k for k in ("last_step", "base_lr", "total_steps", "warmup_steps", *self.extra_names)
-                   if k not in state]
-        if missing:
-            raise ValueError(f"{cls}.load_state_dict: missing keys {missing}")
+        check_state_kind(type(self).__name__, state, "scheduler", "schedule",
+                         ("last_step", "base_lr", "total_steps", "warmup_steps", *self.extra_names))
         self.last_step = int(np.asarray(state["last_step"]))
         self.base_lr = float(np.asarray(state["base_lr"]))
         self.total_steps = int(np.asarray(state["total_steps"]))

@@ -16,7 +16,15 @@ import numpy as np
 from .backend import get_array_module, to_numpy
 
 # the schedules live in lr_scheduler.py (file size) and are part of this module's public API
-from .lr_scheduler import SCHEDULERS, ConstantLR, CosineLR, LRScheduler, PolyLR, build_scheduler
+from .lr_scheduler import (
+    SCHEDULERS,
+    ConstantLR,
+    CosineLR,
+    LRScheduler,
+    PolyLR,
+    build_scheduler,
+    check_state_kind,
+)
 from .nn.module import Parameter
 
 
@@ -67,15 +75,10 @@ class Optimizer:
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned (arrays are copied onto the parameters' device and dtype)."""
         cls = type(self).__name__
-        kind = str(np.asarray(state.get("optimizer", "")))
-        if kind != cls:
-            raise ValueError(f"{cls}.load_state_dict: the state is from optimizer {kind or '(missing)'!r}, not {cls}")
+        check_state_kind(cls, state, "optimizer", "optimizer", ("lr", "steps"))
         n = int(np.asarray(state.get("num_params", -1)))
         if n != len(self.params):
             raise ValueError(f"{cls}.load_state_dict: the state has {n} parameters, this optimizer {len(self.params)}")
-        missing = [k for k in ("lr", "steps") if k not in state]
-        if missing:
-            raise ValueError(f"{cls}.load_state_dict: missing keys {missing}")
         allowed = {"optimizer", "lr", "steps", "num_params", *self.hparam_names}
         allowed |= {f"state.{i}.{s}" for i in range(n) for s in self.state_names}
         unexpected = sorted(set(state) - allowed)
