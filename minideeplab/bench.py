@@ -163,15 +163,20 @@ def run_phase(spec: dict) -> dict:
         model(x)
     step = _select_step(spec["mode"], model, eval_step, train_step)
     if spec["mode"] == "profile":
+        from .models import set_fused
         from .profiler import TypeProfiler, conv_gemm_shapes, gemm_reference
         step()                                   # warm-up, unprofiled
         profiler = TypeProfiler(model, sync=cuda).attach()
         best, conv_best = None, {}   # on a shared machine: the fastest profiled step, the fastest call per conv
-        for _ in range(spec["repeats"]):
+        for _ in range(spec["repeats"]):         # the step as it runs: fused heads are one category
             profiler.reset()
             total = sample_times(step, 1, warmup=0, sync=sync)[0]
             if best is None or total < best[0]:
                 best = (total, profiler.report(total))
+        set_fused(model, False)                  # GEMM efficiency: every conv timed as a layer of its own
+        for _ in range(spec["repeats"]):
+            profiler.reset()
+            step()
             for key, (conv, t_fwd, t_bwd) in profiler.per_conv.items():
                 conv_best[key] = (conv, min(t_fwd + t_bwd, conv_best.get(key, (None, float("inf")))[1]))
         profiler.detach()

@@ -20,10 +20,12 @@ from functools import partial
 from .backend import get_array_module, synchronize
 from .bench import sample_times
 from .nn import conv as conv_module
+from .nn.fused import BNReLUConv1x1
 
 CATEGORIES = {"Conv2d": "conv", "BatchNorm2d": "batch norm", "ReLU": "relu", "MaxPool2d": "pooling",
               "AvgPool2d": "pooling", "AdaptiveAvgPool2d": "pooling", "Upsample": "resize", "Concat": "concat",
               "Dropout": "dropout", "Identity": "identity", "Sigmoid": "sigmoid"}
+FUSED = "BN + ReLU + 1x1 conv (fused)"
 
 
 class TypeProfiler:
@@ -80,6 +82,11 @@ class TypeProfiler:
             is_conv = kind == "Conv2d"
             self._wrap(m, "forward", cat + " forward" if is_conv else cat, m if is_conv else None, 1)
             self._wrap(m, "backward", cat + " backward" if is_conv else cat, m if is_conv else None, 2)
+        for _, m in self.model.named_modules():     # DenseNet's fused BN → ReLU → 1×1 conv heads
+            head = getattr(m, "fused_head", None)
+            if isinstance(head, BNReLUConv1x1):
+                self._wrap(head, "forward", FUSED)
+                self._wrap(head, "backward", FUSED)
         self._wrap(conv_module, "im2col", "im2col")
         self._wrap(conv_module, "col2im", "col2im")
         return self

@@ -12,7 +12,7 @@ from minideeplab.analysis.figures import (
     save_figure,
     valid_weights_figure,
 )
-from minideeplab.models import DeepLabConfig, build_deeplab
+from minideeplab.models import DeepLabConfig, build_deeplab, set_fused
 
 
 def brute_force_histogram(S, rate, k):
@@ -45,7 +45,9 @@ def test_large_rates_degenerate_to_the_centre_tap():
 
 
 def measured_macs(model, x):
-    """Multiply-adds from the shapes each Conv2d actually sees in a forward pass."""
+    """Multiply-adds from the shapes each Conv2d actually sees in a forward pass (run layer by layer: a fused
+    BN → ReLU → 1×1 conv head does the same GEMM without calling its conv's forward)."""
+    set_fused(model, False)
     total = []
     for m in model.modules():
         if isinstance(m, nn.Conv2d):

@@ -7,8 +7,8 @@ import pytest
 
 from minideeplab import bench
 from minideeplab.backend import cuda_available
-from minideeplab.models import DeepLabConfig, build_deeplab
-from minideeplab.profiler import TypeProfiler, gemm_reference
+from minideeplab.models import DeepLabConfig, build_deeplab, set_fused
+from minideeplab.profiler import FUSED, TypeProfiler, gemm_reference
 
 torch_installed = importlib.util.find_spec("torch") is not None
 
@@ -64,14 +64,23 @@ def test_profiler_charges_exclusive_time_and_restores_the_model():
     prof.detach()
     np.testing.assert_array_equal(out, ref)                      # timing hooks do not change the math
     assert not any("forward" in m.__dict__ for m in model.modules())
+    heads = [m.fused_head for m in model.modules() if hasattr(m, "fused_head")]
+    assert heads and not any("forward" in h.__dict__ for h in heads)
+    assert prof.totals[FUSED] > 0                                 # the fused heads are a category of their own
     nested = sum(t for c, t in prof.totals.items() if c != "whole step")
     whole = prof.totals["whole step"]
     assert nested > 0 and whole >= 0                              # exclusive: the outer region excludes them
     rows = prof.report(total=nested + whole)
     assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    n_convs = sum(1 for m in model.modules() if type(m).__name__ == "Conv2d")
+    assert len(prof.per_conv) == n_convs - len(heads)             # a fused head's conv is not timed on its own
+    set_fused(model, False)                                       # ... unless the heads run layer by layer
+    prof.attach()
+    model(x)
+    prof.detach()
     convs = [c for c, _, _ in prof.per_conv.values()]
     ref_times = gemm_reference(convs, repeats=1)
-    assert len(convs) == sum(1 for m in model.modules() if type(m).__name__ == "Conv2d")
+    assert len(convs) == n_convs
     assert all(t > 0 for t in ref_times.values())
 
 

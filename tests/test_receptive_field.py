@@ -5,7 +5,7 @@ import pytest
 
 from minideeplab import nn
 from minideeplab.analysis import empirical_receptive_field, receptive_field, receptive_field_region
-from minideeplab.models import DeepLabConfig, build_deeplab, densenet121
+from minideeplab.models import DeepLabConfig, build_deeplab, densenet121, set_fused
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -56,7 +56,9 @@ def test_densenet121_rf_and_jump_match_hand_arithmetic(output_stride, literal_rf
 
 # ---------------------------------------------------------------------------------------------------------------
 def record_shapes(model):
-    """Patch every conv/pool instance to record (input shape, output shape) of its last forward."""
+    """Patch every conv/pool instance to record (input shape, output shape) of its last forward (layer by layer:
+    a fused BN → ReLU → 1×1 conv head would not call its conv's forward)."""
+    set_fused(model, False)
     seen = {}
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):

@@ -11,6 +11,7 @@ import numpy as np
 from ..backend import get_array_module
 from ..nn import AvgPool2d, BatchNorm2d, Conv2d, Identity, MaxPool2d, Module, ReLU, Sequential
 from ..nn.functional import check_input
+from ..nn.fused import BNReLUConv1x1
 from ..nn.norm import batch_statistics
 
 OUTPUT_STRIDES = (8, 16, 32)
@@ -31,12 +32,64 @@ class _Named(Sequential):
             self.add_module(name, m)
 
 
-class DenseLayer(_Named):
+class _FusedHead(_Named):
+    """A ``_Named`` whose first three children (BatchNorm2d → ReLU → 1×1 Conv2d) run as one ``BNReLUConv1x1``,
+    and in eval mode a BatchNorm2d fourth child too (folded into the same GEMM).
+
+    Same parameters, same result (up to float rounding) and same gradients as running them one by one, which it
+    does while ``fused`` is False (``set_fused(model, False)``: e.g. to watch each of the three layers' forward).
+    """
+
+    fused = True
+
+    def _fuse_head(self):
+        norm, _, conv, *rest = self.children()
+        post = rest[0] if rest and isinstance(rest[0], BatchNorm2d) else None   # DenseLayer's norm2
+        self.fused_head = BNReLUConv1x1(norm, conv, post)
+        self.head_was_fused = None      # which way the last forward went
+
+    def forward(self, x, stats=None):
+        """``stats``: the batch statistics of ``x`` when the caller has them already (see ``SharedBatchStatistics``)."""
+        norm, relu, conv, *rest = self.children()
+        self.head_was_fused = bool(self.fused)
+        if self.head_was_fused:
+            x = self.fused_head.forward(x, stats)
+            rest = rest[1:] if self.fused_head.folded else rest   # an eval norm2 was folded into the head
+        else:
+            x = conv(relu(norm(x, stats)))
+        for m in rest:
+            x = m(x)
+        return x
+
+    def backward(self, dout):
+        self._need(self.head_was_fused)
+        norm, relu, conv, *rest = self.children()
+        if self.head_was_fused and self.fused_head.folded:
+            rest = rest[1:]
+        for m in reversed(rest):    # chain rule, last child first
+            dout = m.backward(dout)
+        return self.fused_head.backward(dout) if self.head_was_fused else norm.backward(relu.backward(conv.backward(dout)))
+
+    def _clear_cache(self):
+        self.fused_head.clear_cache()
+        self.head_was_fused = None
+
+
+def set_fused(model, fused: bool = True):
+    """Run every dense layer's and transition's BN → ReLU → 1×1 conv fused (default) or layer by layer."""
+    for m in model.modules():
+        if isinstance(m, _FusedHead):
+            m.fused = bool(fused)
+    return model
+
+
+class DenseLayer(_FusedHead):
     """BN → ReLU → 1×1 conv (bottleneck, ``bn_size * growth_rate``) → BN → ReLU → 3×3 conv (``growth_rate``).
 
     Returns only the *new* features; the block appends them to its buffer. ``norm1`` reads a channel-prefix
     view of that buffer, which is safe because no layer here writes to its input except the ReLUs, which
     (``inplace=True``, as in torchvision) overwrite the fresh output of the batch norm before them.
+    norm1 → relu1 → conv1 run fused (``nn.fused.BNReLUConv1x1``: one pass over the prefix, one GEMM).
 
     Shapes:
         x: (N, C_in, H, W) -> new: (N, growth_rate, H, W) (padding = dilation keeps H, W).
@@ -57,11 +110,7 @@ class DenseLayer(_Named):
             conv1=Conv2d(num_input_features, mid, 1, bias=False, rng=rng, dtype=dtype),
             norm2=BatchNorm2d(mid, dtype=dtype), relu2=ReLU(inplace=True),
             conv2=Conv2d(mid, growth_rate, 3, padding=dilation, dilation=dilation, bias=False, rng=rng, dtype=dtype))
-
-    def forward(self, x, stats=None):
-        """``stats``: the batch statistics of ``x`` when the block has them already (see ``SharedBatchStatistics``)."""
-        bottleneck = self.conv1(self.relu1(self.norm1(x, stats)))
-        return self.conv2(self.relu2(self.norm2(bottleneck)))
+        self._fuse_head()   # norm1 → relu1 → conv1 as one pass and one GEMM (forward takes the block's ``stats``)
 
 
 class SharedBatchStatistics:
@@ -161,7 +210,7 @@ class DenseBlock(Module):
                 f"dilation={self.dilation}")
 
 
-class Transition(_Named):
+class Transition(_FusedHead):
     """BN → ReLU → 1×1 conv (``num_output_features``, usually half) → 2×2 average pool, stride 2.
 
     With ``pool=False`` (atrous variants) the pooling is an ``Identity`` and the resolution is kept.
@@ -175,6 +224,7 @@ class Transition(_Named):
         super().__init__(norm=BatchNorm2d(num_input_features, dtype=dtype), relu=ReLU(inplace=True),
                          conv=Conv2d(num_input_features, num_output_features, 1, bias=False, rng=rng, dtype=dtype),
                          pool=AvgPool2d(2, 2) if pool else Identity())
+        self._fuse_head()   # norm → relu → conv as one pass and one GEMM
 
 
 class DenseNet(Module):

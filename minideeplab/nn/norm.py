@@ -58,19 +58,28 @@ class BatchNorm2d(Module):
     def forward(self, x, stats=None):
         """``stats``: optionally ``(centered, mean, var)`` of ``x`` already computed by the caller (``batch_statistics``;
         a dense block shares them between its layers). Used in training mode only."""
+        src, scale, shift = self.affine_map(x, stats)
+        out = src * scale[:, None, None]
+        out += shift[:, None, None]
+        return out
+
+    def affine_map(self, x, stats=None):
+        """Everything ``forward`` does but the two elementwise passes: ``(src, scale, shift)`` with
+        ``forward(x) == src * scale + shift`` per channel (src: ``x`` in eval, ``x - batch mean`` in training).
+
+        Checks the input, caches what backward needs and, in training, updates the running statistics. For a
+        caller that folds the affine map into what comes next (``nn.fused.BNReLUConv1x1``).
+        Shapes: x: (N, C, H, W) -> src: (N, C, H, W), scale: (C,), shift: (C,).
+        """
         check_input("BatchNorm2d", x, self.num_features)
         check_dtype("BatchNorm2d", x, self.running_mean)
         xp = get_array_module(x)
         n = x.shape[0] * x.shape[2] * x.shape[3]
         if not self.training:
             # eval: a per-channel affine map of x; the centred input is only needed (and rebuilt) in backward
-            inv_std = 1.0 / xp.sqrt(self.running_var + self.eps)
-            scale = inv_std * self.weight.data if self.affine else inv_std
-            self.x, self.centered, self.inv_std, self.batch_stats = x, None, inv_std, False
-            shift = -self.running_mean * scale + (self.bias.data if self.affine else 0)
-            out = x * scale[:, None, None]
-            out += shift[:, None, None]
-            return out
+            self.x, self.centered, self.batch_stats = x, None, False
+            self.inv_std, scale, shift = self.eval_affine()
+            return x, scale, shift
         if n < 2:
             raise ValueError(f"BatchNorm2d: training needs more than one value per channel, got input shape "
                              f"{tuple(x.shape)} (N*H*W = {n}); use a batch of at least 2 or call .eval()")
@@ -86,10 +95,16 @@ class BatchNorm2d(Module):
         self.num_batches_tracked += 1
         inv_std = 1.0 / xp.sqrt(var + self.eps)
         self.x, self.centered, self.inv_std, self.batch_stats = None, centered, inv_std, True
-        out = centered * (inv_std * self.weight.data if self.affine else inv_std)[:, None, None]
-        if self.affine:
-            out += self.bias.data[:, None, None]
-        return out
+        return centered, inv_std * self.weight.data if self.affine else inv_std, self._beta()
+
+    def eval_affine(self):
+        """``(inv_std, scale, shift)`` of the eval-mode map ``scale * x + shift`` (running statistics); no cache."""
+        inv_std = 1.0 / get_array_module(self.running_var).sqrt(self.running_var + self.eps)
+        scale = inv_std * self.weight.data if self.affine else inv_std
+        return inv_std, scale, self._beta() - self.running_mean * scale
+
+    def _beta(self):
+        return self.bias.data if self.affine else get_array_module(self.running_mean).zeros_like(self.running_mean)
 
     def backward(self, dout):
         self._need(self.inv_std)

@@ -1,0 +1,126 @@
+"""BatchNorm2d → ReLU → 1×1 Conv2d in one elementwise pass and one GEMM (DenseNet's bottlenecks and transitions).
+
+Run layer by layer, the three cost three full passes over the input after the batch norm's statistics
+(``x * scale``, ``+ shift``, ``max(., 0)``) plus, in training, a fourth for ReLU's mask. But a batch norm is a
+per-channel affine map ``s·x + b`` (``s = gamma / sigma``, ``b = beta - s·mean``), and for ``s > 0``
+
+    relu(s·x + b) = s·max(x, -b/s) + b          (for s < 0: s·min(x, -b/s) + b)
+
+so, with ``z = clip(x, lo, hi)`` per channel and a channel of ones appended to it, the 1×1 conv of the ReLU's
+output is ONE GEMM:
+
+    W · relu(s·x + b) = (W·diag(s)) · z + W·b = [W·diag(s) | W·b] · [z; 1]
+
+one clip pass over the input, and the ReLU's output is never built. In eval mode a batch norm that follows the
+conv (DenseLayer's norm2) is an affine map too, ``s2·y + b2``: it is folded into the same GEMM (rows scaled by
+s2, b2 added to the ones column), which saves its two passes as well.
+Backward differentiates the same layers: ``dL/dW = dout · (s·z + b)^T`` (the ones channel gives the ``b`` part),
+ReLU's mask is ``lo < z < hi``, and the batch norms' own backwards take it from there (a folded norm2 gets back
+the conv output it needs by one more GEMM). A channel with ``s = 0``, or whose bound overflows, is constant
+(``relu(b)``): it passes all or nothing. Derivation and measurements: docs/derivations.md.
+
+Shapes: x: (N, C, H, W) -> out: (N, F, H, W).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import get_array_module
+
+
+def relu_of_affine(src, scale, shift, out=None):
+    """``(z, lo, hi, shift)`` with ``relu(src * scale + shift) == z * scale + shift`` per channel, z = clip(src, lo, hi).
+
+    One pass: ``max(src, lo)`` when no channel has an upper bound (every scale positive), else ``clip``. A constant
+    channel (scale 0, or a bound that overflows) is ``relu(shift)``: its shift becomes ``relu(shift)`` and it
+    passes everything (z = src) where ``shift > 0``, nothing (z = 0) elsewhere. ReLU's mask is ``lo < z < hi``.
+
+    Shapes: src: (N, C, H, W); scale, shift: (C,) -> z like src (written into ``out`` if given); lo, hi, shift: (C,).
+    """
+    xp = get_array_module(src)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        bound = -shift / scale
+    constant = ~xp.isfinite(bound)
+    inf = xp.asarray(np.inf, dtype=src.dtype)
+    lo = xp.where(constant, xp.where(shift > 0, -inf, 0), xp.where(scale > 0, bound, -inf))
+    hi = xp.where(constant, xp.where(shift > 0, inf, 0), xp.where(scale < 0, bound, inf))
+    shift = xp.where(constant, xp.maximum(shift, 0), shift)
+    if bool((hi == inf).all()):
+        z = xp.maximum(src, lo[:, None, None], out=out)
+    else:
+        z = xp.clip(src, lo[:, None, None], hi[:, None, None], out=out)
+    return z, lo, hi, shift
+
+
+class BNReLUConv1x1:
+    """Runs a ``BatchNorm2d``, a ``ReLU`` and a bias-free, stride-1 1×1 ``Conv2d`` as one (see the module doc).
+
+    Not a Module: it owns no parameters; it computes with ``norm``'s and ``conv``'s (and ``post``'s) and adds into
+    their ``.grad``; the batch norms keep their own caches (their ``backward`` is called as is). Used by
+    ``DenseLayer`` (``post`` = norm2, folded in eval mode) and ``Transition``.
+
+    Shapes: x: (N, C, H, W) -> out: (N, F, H, W).
+    """
+
+    def __init__(self, norm, conv, post=None):
+        if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.padding != (0, 0) or conv.bias is not None:
+            raise ValueError(f"BNReLUConv1x1: needs a bias-free 1x1 conv with stride 1 and no padding, got {conv!r}")
+        self.norm, self.conv, self.post = norm, conv, post
+        self.z1 = self.mask = self.lo = self.hi = self.scale = self.shift = self.folded = None
+
+    def forward(self, x, stats=None):
+        """``stats``: as in ``BatchNorm2d.forward`` (batch statistics of ``x`` computed by the caller).
+
+        Returns the conv's output, or, when ``post`` is in eval mode, ``post``'s output: an eval batch norm is a
+        per-channel affine map as well, folded into the GEMM (``self.folded``)."""
+        xp = get_array_module(x)
+        N, C, H, W = x.shape
+        src, self.scale, shift = self.norm.affine_map(x, stats)
+        # z gets one extra channel of ones, so that the GEMM adds W·b itself: [W·diag(s) | W·b] · [z; 1]
+        self.z1 = xp.empty((N, C + 1, H, W), dtype=x.dtype)
+        self.z1[:, C] = 1
+        _, self.lo, self.hi, self.shift = relu_of_affine(src, self.scale, shift, out=self.z1[:, :C])
+        self.mask = self.passed() if self.norm.training else None   # else only if backward asks
+        w1 = self._weight_with_shift()
+        self.folded = self.post is not None and not self.post.training
+        if self.folded:                       # post(y) = s2·y + b2: scale w1's rows, add b2 to the ones column
+            _, s2, b2 = self.post.eval_affine()
+            w1 *= s2[:, None]
+            w1[:, C] += b2
+        return (w1 @ self.z1.reshape(N, C + 1, H * W)).reshape(N, -1, H, W)
+
+    def backward(self, dout):
+        if self.z1 is None:
+            raise RuntimeError("BNReLUConv1x1.backward called before forward (run forward first)")
+        xp = get_array_module(dout)
+        N, F, H, W = dout.shape
+        C = self.z1.shape[1] - 1
+        z1 = self.z1.reshape(N, C + 1, H * W)
+        if self.folded:   # through post first: rebuild the conv output it normalised (one GEMM), then its backward
+            self.post.affine_map((self._weight_with_shift() @ z1).reshape(N, F, H, W))
+            dout = self.post.backward(dout)
+        d2 = dout.reshape(N, F, H * W)
+        w = self.conv.weight.data.reshape(F, C)
+        # dL/dW = sum_n dout_n · (z_n·s + b)^T = (sum_n dout_n · z_n^T)·s + (sum of dout) ⊗ b, and the sum of dout
+        # is the column the ones channel adds to sum_n dout_n · [z; 1]_n^T
+        g = xp.matmul(d2, z1.transpose(0, 2, 1)).sum(axis=0)
+        self.conv.weight.grad += (g[:, :C] * self.scale + xp.outer(g[:, C], self.shift)).reshape(self.conv.weight.shape)
+        # dL/d(bn output) = (W^T · dout) where the ReLU passed its input (lo < z < hi), else 0
+        dbn = (w.T @ d2).reshape(N, C, H, W)
+        dbn *= self.mask if self.mask is not None else self.passed()
+        return self.norm.backward(dbn)
+
+    def _weight_with_shift(self):
+        """[W·diag(s) | W·b]: (F, C + 1)."""
+        w = self.conv.weight.data.reshape(self.conv.out_channels, -1)
+        return get_array_module(w).concatenate([w * self.scale, (w @ self.shift)[:, None]], axis=1)
+
+    def passed(self):
+        """ReLU's mask ``s·x + b > 0``, read from z: (N, C, H, W) booleans."""
+        z = self.z1[:, :-1]
+        if bool((self.hi == np.inf).all()):
+            return z > self.lo[:, None, None]
+        return (z > self.lo[:, None, None]) & (z < self.hi[:, None, None])
+
+    def clear_cache(self):
+        self.z1 = self.mask = self.lo = self.hi = self.scale = self.shift = self.folded = None
