@@ -5,6 +5,7 @@ from test_gradcheck_layers import conv_algorithms
 
 from minideeplab import nn
 from minideeplab.backend import to_numpy
+from minideeplab.nn.functional import shift_into
 
 F64 = np.float64
 
@@ -74,3 +75,24 @@ def test_forcing_a_path_that_does_not_apply_is_a_clear_error():
         nn.Conv2d(2, 2, 3, stride=2, algorithm="kn2row")(np.zeros((1, 2, 8, 8), np.float32))
     with pytest.raises(ValueError, match="algorithm must be one of"):
         nn.Conv2d(2, 2, 3, algorithm="winograd")
+
+
+def naive_shift_add(out, y, a, b):
+    """The row-by-row definition: out[..., r, c] += y[..., r + a, c + b] wherever both pixels exist."""
+    H, W = out.shape[-2:]
+    for r in range(max(0, -a), min(H, H - a)):
+        for c in range(max(0, -b), min(W, W - b)):
+            out[..., r, c] += y[..., r + a, c + b]
+
+
+@pytest.mark.parametrize("hw", [(5, 7), (6, 3), (1, 4)])
+def test_shift_into_matches_the_row_by_row_definition(hw):
+    rng = np.random.default_rng(0)
+    H, W = hw
+    for a in range(-H + 1, H):
+        for b in range(-W + 1, W):
+            y, out = rng.standard_normal((2, 3, H, W)), rng.standard_normal((2, 3, H, W))
+            expected = out.copy()
+            naive_shift_add(expected, y, a, b)
+            shift_into(out, y.copy(), a, b)
+            np.testing.assert_allclose(out, expected, rtol=1e-14, atol=1e-14, err_msg=f"shift ({a}, {b})")

@@ -25,7 +25,16 @@ import math
 import numpy as np
 
 from ..backend import get_array_module
-from .functional import check_dtype, check_input, col2im, conv_output_size, im2col, pair, valid_taps
+from .functional import (
+    check_dtype,
+    check_input,
+    col2im,
+    conv_output_size,
+    im2col,
+    pair,
+    shift_into,
+    valid_taps,
+)
 from .module import Module, Parameter
 
 
@@ -123,8 +132,12 @@ class Conv2d(Module):
             taps, w_taps = self._used_taps(x.shape[2:], (Ho, Wo))
             Y = (w_taps.reshape(-1, C) @ x.reshape(N, C, -1)).reshape(N, len(taps), F, *x.shape[2:])
             out = xp.zeros((N, F, Ho, Wo), dtype=x.dtype)
+            same_size = (Ho, Wo) == tuple(x.shape[2:])
             for t, (_, _, (oy, ox), (iy, ix)) in enumerate(taps):
-                out[:, :, oy, ox] += Y[:, t, :, iy, ix]          # tap t's block, shifted by its offset
+                if same_size:                    # tap t's block, shifted by its offset (one flat slice)
+                    shift_into(out, Y[:, t], iy.start - oy.start, ix.start - ox.start)
+                else:
+                    out[:, :, oy, ox] += Y[:, t, :, iy, ix]
             self.saved = x
         else:  # "taps"
             w_taps = xp.ascontiguousarray(self.weight.data.transpose(2, 3, 0, 1))  # (kh, kw, F, C)
