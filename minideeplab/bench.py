@@ -155,7 +155,7 @@ def run_phase(spec: dict) -> dict:
         with region("loss"):
             loss_fn(logits, target)
             dlogits = loss_fn.backward()
-        model.backward(dlogits)
+        model.backward(dlogits, input_grad=False)    # as in Trainer; PyTorch's image needs no grad either
         with region("optimizer"):
             opt.step()
 

@@ -267,7 +267,7 @@ class Trainer:
         loss = float(self.loss_fn(logits, t))
         if not np.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss} at step {self.global_step}; lower --lr")
-        self.model.backward(self.loss_fn.backward())
+        self.model.backward(self.loss_fn.backward(), input_grad=False)
         self._in_update = True            # from here on Ctrl-C only sets the stop flag
         self.optimizer.step()
         self.scheduler.step()

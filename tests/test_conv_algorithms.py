@@ -96,3 +96,18 @@ def test_shift_into_matches_the_row_by_row_definition(hw):
             naive_shift_add(expected, y, a, b)
             shift_into(out, y.copy(), a, b)
             np.testing.assert_allclose(out, expected, rtol=1e-14, atol=1e-14, err_msg=f"shift ({a}, {b})")
+
+
+@pytest.mark.parametrize("algorithm", ["pointwise", "kn2row", "taps", "im2col"])
+def test_input_grad_false_skips_dx_on_every_path(algorithm):
+    rng = np.random.default_rng(0)
+    k, p = (1, 0) if algorithm == "pointwise" else (3, 2)
+    conv = nn.Conv2d(3, 4, k, padding=p, dilation=2 if k == 3 else 1, rng=rng, dtype=F64, algorithm=algorithm)
+    x, dout = rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((2, 4, 6, 5))
+    _, dx, dw, db = run(conv, x, dout)
+    conv.zero_grad()
+    conv.input_grad = False
+    conv(x)
+    assert dx.shape == x.shape and conv.backward(dout) is None
+    np.testing.assert_array_equal(conv.weight.grad, dw)
+    np.testing.assert_array_equal(conv.bias.grad, db)

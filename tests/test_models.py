@@ -293,3 +293,21 @@ def test_float64_build_and_forward_backward_on_each_backend(xp, device):
     assert out.shape == (2, 1, 35, 29) and dx.shape == x.shape
     assert bool(xp.isfinite(dx).all())
     assert isinstance(model.head.aspp, ASPP)
+
+
+def test_backward_without_the_image_gradient_leaves_parameter_gradients_unchanged():
+    model = build_deeplab(DeepLabConfig.small(), rng=np.random.default_rng(0), dtype=np.float64)
+    model.head.aspp.project.dropout.p = 0.0      # training-mode batch norms, the same forward twice
+    x = np.random.default_rng(1).standard_normal((2, 3, 40, 36))
+    dout = np.random.default_rng(2).standard_normal((2, 1, 40, 36))
+    grads = []
+    for input_grad in (True, False):
+        model.zero_grad()
+        model(x)
+        dx = model.backward(dout, input_grad=input_grad)
+        assert (dx is None) == (not input_grad) and (dx is None or dx.shape == x.shape)
+        grads.append({n: p.grad.copy() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        np.testing.assert_array_equal(grads[1][name], g, err_msg=name)
+    model(x)
+    assert model.backward(dout).shape == x.shape        # the default gives dL/dx again

@@ -55,7 +55,12 @@ class DeepLabV3(Module):
         self.upsample.size = tuple(x.shape[2:])   # back to the input size, whatever the rounding was
         return self.upsample(logits)
 
-    def backward(self, dlogits):
+    def backward(self, dlogits, input_grad: bool = True):
+        """dL/d(image) from dL/d(logits), with every parameter gradient accumulated on the way.
+
+        ``input_grad=False`` (a training step, where nothing reads the image's gradient) skips the stem conv's
+        input gradient, its largest col2im, and returns None."""
+        self.backbone.features.conv0.input_grad = input_grad
         return self.backbone.backward(self.head.backward(self.upsample.backward(dlogits)))
 
     def predict_proba(self, x):

@@ -53,6 +53,9 @@ class Conv2d(Module):
         rng: ``numpy.random.Generator`` for the He/Kaiming-normal init (std = sqrt(2 / (C*kh*kw))).
         dtype: parameter dtype (float32 for training, float64 for gradient checks).
         algorithm: "auto" (default), or force "pointwise", "kn2row", "taps" or "im2col" (see the module doc).
+
+    Attribute ``input_grad`` (default True): set it to False on a network's first layer to skip dL/dx, which
+    nothing reads there (PyTorch skips it for an input that does not require grad); backward then returns None.
     """
 
     ALGORITHMS = ("auto", "pointwise", "kn2row", "taps", "im2col")
@@ -75,6 +78,7 @@ class Conv2d(Module):
         if algorithm not in self.ALGORITHMS:
             raise ValueError(f"Conv2d: algorithm must be one of {self.ALGORITHMS}, got {algorithm!r}")
         self.algorithm = algorithm
+        self.input_grad = True   # False: backward skips dL/dx and returns None (a network's first layer)
         self.x_shape = None   # input shape of the last forward
         self.path = None      # the algorithm the last forward used
         self.saved = None     # what that path's backward needs: the columns (im2col / pointwise) or the input
@@ -163,6 +167,8 @@ class Conv2d(Module):
             d2, cols = dout.reshape(N, F, Ho * Wo), self.saved
             # dL/dW = sum_n dout_n · cols_n^T ;  dL/dcols = W^T · dout
             self.weight.grad += xp.matmul(d2, cols.transpose(0, 2, 1)).sum(axis=0).reshape(self.weight.shape)
+            if not self.input_grad:
+                return None
             dcols = self.weight.data.reshape(F, -1).T @ d2
             if self.path == "im2col":       # dL/dx: dcols folded back onto the input by col2im
                 return col2im(dcols, self.x_shape, self.kernel_size, self.stride, self.padding, self.dilation)
@@ -184,6 +190,8 @@ class Conv2d(Module):
             G = xp.matmul(D, x.reshape(N, C, H * W).transpose(0, 2, 1)).sum(axis=0).reshape(len(taps), F, C)
             for t, (i, j, _, _) in enumerate(taps):
                 self.weight.grad[:, :, i, j] += G[t]
+            if not self.input_grad:
+                return None
             return (w_taps.reshape(-1, C).T @ D).reshape(N, C, H, W)
         # "taps": per tap, dL/dW_tap = dout_rect · x_rect^T and dL/dx_rect += W_tap^T · dout_rect
         x = self.saved
@@ -194,9 +202,10 @@ class Conv2d(Module):
             xr = x[:, :, iy, ix]
             dr = dout[:, :, oy, ox].reshape(N, F, -1)
             dw_taps[i, j] = xp.matmul(dr, xr.reshape(N, C, -1).transpose(0, 2, 1)).sum(axis=0)
-            dx[:, :, iy, ix] += (w_taps_t[i, j] @ dr).reshape(xr.shape)
+            if self.input_grad:
+                dx[:, :, iy, ix] += (w_taps_t[i, j] @ dr).reshape(xr.shape)
         self.weight.grad += dw_taps.transpose(2, 3, 0, 1)
-        return dx
+        return dx if self.input_grad else None
 
     def _clear_cache(self):
         self.x_shape = self.path = self.saved = None
