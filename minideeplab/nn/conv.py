@@ -193,19 +193,22 @@ class Conv2d(Module):
             if not self.input_grad:
                 return None
             return (w_taps.reshape(-1, C).T @ D).reshape(N, C, H, W)
-        # "taps": per tap, dL/dW_tap = dout_rect · x_rect^T and dL/dx_rect += W_tap^T · dout_rect
+        # "taps": per tap, over the rectangle where it reads real input, dL/dW_tap = dout_rect · x_rect^T and
+        # dL/dx_rect += W_tap^T · dout_rect. The rectangles are copied channel-major, (C, N*h*w), so that the batch
+        # is part of the GEMMs' inner dimension: one product per tap and no per-item (F, C) results to sum
+        # (ASPP rate 12 at 16x16, 2 threads: 18.8 ms against 21.0).
         x = self.saved
         w_taps_t = xp.ascontiguousarray(self.weight.data.transpose(2, 3, 1, 0))   # (kh, kw, C, F)
         dw_taps = xp.zeros((kh, kw, F, C), dtype=dout.dtype)
-        dx = xp.zeros(self.x_shape, dtype=dout.dtype)
+        dx = xp.zeros(self.x_shape, dtype=dout.dtype) if self.input_grad else None
         for i, j, (oy, ox), (iy, ix) in valid_taps(self.kernel_size, self.padding, self.dilation, (H, W), (Ho, Wo)):
-            xr = x[:, :, iy, ix]
-            dr = dout[:, :, oy, ox].reshape(N, F, -1)
-            dw_taps[i, j] = xp.matmul(dr, xr.reshape(N, C, -1).transpose(0, 2, 1)).sum(axis=0)
+            xr = xp.ascontiguousarray(x[:, :, iy, ix].transpose(1, 0, 2, 3))          # (C, N, h, w)
+            dr = xp.ascontiguousarray(dout[:, :, oy, ox].transpose(1, 0, 2, 3)).reshape(F, -1)
+            dw_taps[i, j] = dr @ xr.reshape(C, -1).T
             if self.input_grad:
-                dx[:, :, iy, ix] += (w_taps_t[i, j] @ dr).reshape(xr.shape)
+                dx[:, :, iy, ix] += (w_taps_t[i, j] @ dr).reshape(xr.shape).transpose(1, 0, 2, 3)
         self.weight.grad += dw_taps.transpose(2, 3, 0, 1)
-        return dx if self.input_grad else None
+        return dx
 
     def _clear_cache(self):
         self.x_shape = self.path = self.saved = None
