@@ -31,9 +31,10 @@ from ..backend import get_array_module
 def relu_of_affine(src, scale, shift, out=None):
     """``(z, lo, hi, shift)`` with ``relu(src * scale + shift) == z * scale + shift`` per channel, z = clip(src, lo, hi).
 
-    One pass: ``max(src, lo)`` when no channel has an upper bound (every scale positive), else ``clip``. A constant
-    channel (scale 0, or a bound that overflows) is ``relu(shift)``: its shift becomes ``relu(shift)`` and it
-    passes everything (z = src) where ``shift > 0``, nothing (z = 0) elsewhere. ReLU's mask is ``lo < z < hi``.
+    One pass: ``max(src, lo)`` when every scale is positive (``hi`` is then None: no upper bound), else ``clip``.
+    A constant channel (scale 0, or a bound that overflows) is ``relu(shift)``: its shift becomes ``relu(shift)``
+    and it passes everything (z = src) where ``shift > 0``, nothing (z = 0) elsewhere. ReLU's mask is
+    ``lo < z < hi``.
 
     Shapes: src: (N, C, H, W); scale, shift: (C,) -> z like src (written into ``out`` if given); lo, hi, shift: (C,).
     """
@@ -41,15 +42,13 @@ def relu_of_affine(src, scale, shift, out=None):
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         bound = -shift / scale
     constant = ~xp.isfinite(bound)
+    if not bool(constant.any()) and bool((scale > 0).all()):      # the usual case: a few small ops less
+        return xp.maximum(src, bound[:, None, None], out=out), bound, None, shift
     inf = xp.asarray(np.inf, dtype=src.dtype)
     lo = xp.where(constant, xp.where(shift > 0, -inf, 0), xp.where(scale > 0, bound, -inf))
     hi = xp.where(constant, xp.where(shift > 0, inf, 0), xp.where(scale < 0, bound, inf))
     shift = xp.where(constant, xp.maximum(shift, 0), shift)
-    if bool((hi == inf).all()):
-        z = xp.maximum(src, lo[:, None, None], out=out)
-    else:
-        z = xp.clip(src, lo[:, None, None], hi[:, None, None], out=out)
-    return z, lo, hi, shift
+    return xp.clip(src, lo[:, None, None], hi[:, None, None], out=out), lo, hi, shift
 
 
 class BNReLUConv1x1:
@@ -113,12 +112,16 @@ class BNReLUConv1x1:
     def _weight_with_shift(self):
         """[W·diag(s) | W·b]: (F, C + 1)."""
         w = self.conv.weight.data.reshape(self.conv.out_channels, -1)
-        return get_array_module(w).concatenate([w * self.scale, (w @ self.shift)[:, None]], axis=1)
+        xp, C = get_array_module(w), w.shape[1]
+        w1 = xp.empty((w.shape[0], C + 1), dtype=w.dtype)
+        xp.multiply(w, self.scale, out=w1[:, :C])
+        w1[:, C] = w @ self.shift
+        return w1
 
     def passed(self):
         """ReLU's mask ``s·x + b > 0``, read from z: (N, C, H, W) booleans."""
         z = self.z1[:, :-1]
-        if bool((self.hi == np.inf).all()):
+        if self.hi is None:
             return z > self.lo[:, None, None]
         return (z > self.lo[:, None, None]) & (z < self.hi[:, None, None])
 
