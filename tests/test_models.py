@@ -311,3 +311,23 @@ def test_backward_without_the_image_gradient_leaves_parameter_gradients_unchange
         np.testing.assert_array_equal(grads[1][name], g, err_msg=name)
     model(x)
     assert model.backward(dout).shape == x.shape        # the default gives dL/dx again
+
+
+def test_dense_block_backward_applies_the_shared_centered_terms_once_per_channel():
+    """Training-mode backward with the norm1 terms deferred (the default) equals each layer's full batch-norm
+    backward added in turn (the path taken when the block has no shared statistics)."""
+    rng = np.random.default_rng(11)
+    block = DenseBlock(4, 5, 2, 3, rng=rng, dtype=np.float64)
+    x, dout = rng.standard_normal((2, 5, 6, 7)), rng.standard_normal((2, 5 + 4 * 3, 6, 7))
+    results = []
+    for deferred in (True, False):
+        block.zero_grad()
+        block(x)
+        if not deferred:
+            block.shared = None
+        dx = block.backward(dout)
+        results.append((dx, {n: p.grad.copy() for n, p in block.named_parameters()}))
+    (dx_d, g_d), (dx_l, g_l) = results
+    np.testing.assert_allclose(dx_d, dx_l, rtol=1e-12, atol=1e-12)
+    for name in g_l:
+        np.testing.assert_allclose(g_d[name], g_l[name], rtol=1e-12, atol=1e-12, err_msg=name)

@@ -62,13 +62,23 @@ class _FusedHead(_Named):
         return x
 
     def backward(self, dout):
+        return next(self.children()).backward(self._grad_at_norm_output(dout))
+
+    def backward_terms(self, dout):
+        """``(g, scale, mean_d, k)``: dL/dx = scale * (g - mean_d - k * centered), centered = x - batch mean
+        (``BatchNorm2d.backward_terms``; training mode). For ``DenseBlock.backward``, which applies them."""
+        g = self._grad_at_norm_output(dout)
+        return (g, *next(self.children()).backward_terms(g))
+
+    def _grad_at_norm_output(self, dout):
+        """dL/d(first batch norm's output)."""
         self._need(self.head_was_fused)
         norm, relu, conv, *rest = self.children()
         if self.head_was_fused and self.fused_head.folded:
             rest = rest[1:]
         for m in reversed(rest):    # chain rule, last child first
             dout = m.backward(dout)
-        return self.fused_head.backward(dout) if self.head_was_fused else norm.backward(relu.backward(conv.backward(dout)))
+        return self.fused_head.grad_at_norm_output(dout) if self.head_was_fused else relu.backward(conv.backward(dout))
 
     def _clear_cache(self):
         self.fused_head.clear_cache()
@@ -151,7 +161,9 @@ class DenseBlock(Module):
     ``buffer[:, :C_in + (l-1)*k]`` (a view, no copy) and writes its k new channels into its own slice.
     The buffer is the block's output. (torchvision's ``memory_efficient`` option reaches a similar
     saving by recomputing the concatenations in backward; here they are never materialised at all.)
-    In training mode the ``norm1`` layers likewise share one ``SharedBatchStatistics`` of the buffer.
+    In training mode the ``norm1`` layers likewise share one ``SharedBatchStatistics`` of the buffer, and
+    backward applies the part of their gradients that multiplies the shared centred values once per channel
+    instead of once per layer (see ``backward``).
 
     Shapes:
         x: (N, C_in, H, W) -> out: (N, C_in + num_layers * growth_rate, H, W).
@@ -172,6 +184,7 @@ class DenseBlock(Module):
                                                              bn_size, dilation, rng=rng, dtype=dtype))
         self.out_channels = self.num_input_features + self.num_layers * self.growth_rate
         self.buffer_shape = None   # shape of the concatenation buffer of the last forward
+        self.shared = None         # its SharedBatchStatistics (training mode)
 
     def forward(self, x):
         check_input("DenseBlock", x, self.num_input_features)
@@ -180,6 +193,7 @@ class DenseBlock(Module):
         buf = xp.empty((N, self.out_channels, H, W), dtype=x.dtype)   # the one concatenation buffer
         buf[:, :C0] = x
         shared = SharedBatchStatistics(buf) if self.training else None
+        self.shared = shared        # backward applies the norm1s' centered terms once per channel
         c = C0
         for layer in self.children():
             stats = shared.prefix(c) if shared is not None else None
@@ -196,18 +210,48 @@ class DenseBlock(Module):
         # layers, layer l's gradient is complete when we reach it (the split: it takes its own slice), and its dx,
         # a gradient for the whole prefix it read, is *added* into grad[:, :c] (the sum at the concatenation).
         grad = dout.copy()   # a copy: dout is never modified
+        shared = self.shared
+        if shared is not None:
+            # training: each norm1's dx = scale * (g - mean_d - k * centered), with ONE centered for the block.
+            # scale * g is added at once; the per-channel terms mean_d and k are summed over the layers in two
+            # vectors and applied to a slice just before its layer reads it (once per channel, not per layer).
+            xp = get_array_module(dout)
+            sum_mean = xp.zeros(self.out_channels, dtype=dout.dtype)
+            sum_k = xp.zeros(self.out_channels, dtype=dout.dtype)
         c = self.out_channels
         for layer in reversed(list(self.children())):
             c -= self.growth_rate
-            grad[:, :c] += layer.backward(grad[:, c:c + self.growth_rate])
-        return grad[:, :self.num_input_features].copy()   # dL/dx; the copy lets the big buffer be freed
+            own = grad[:, c:c + self.growth_rate]
+            if shared is None:
+                grad[:, :c] += layer.backward(own)
+                continue
+            if c < shared.done:     # read by a later layer (the last layer's output was read by none)
+                _apply_deferred(own, shared.centered[:, c:c + self.growth_rate], sum_mean[c:c + self.growth_rate],
+                                sum_k[c:c + self.growth_rate])
+            g, scale, mean_d, k = layer.backward_terms(own)
+            g *= scale[:, None, None]
+            grad[:, :c] += g
+            sum_mean[:c] += scale * mean_d
+            sum_k[:c] += scale * k
+        C0 = self.num_input_features
+        if shared is not None:
+            _apply_deferred(grad[:, :C0], shared.centered[:, :C0], sum_mean[:C0], sum_k[:C0])
+        return grad[:, :C0].copy()   # dL/dx; the copy lets the big buffer be freed
 
     def _clear_cache(self):
-        self.buffer_shape = None
+        self.buffer_shape = self.shared = None
 
     def extra_repr(self):
         return (f"num_layers={self.num_layers}, in={self.num_input_features}, growth_rate={self.growth_rate}, "
                 f"dilation={self.dilation}")
+
+
+def _apply_deferred(g, centered, sum_mean, sum_k):
+    """g -= sum_mean + sum_k * centered, per channel: the batch-mean terms of the norm1 gradients summed over
+    the layers that read these channels (``DenseBlock.backward``)."""
+    t = centered * sum_k[:, None, None]
+    t += sum_mean[:, None, None]
+    g -= t
 
 
 class Transition(_FusedHead):

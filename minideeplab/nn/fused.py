@@ -89,6 +89,10 @@ class BNReLUConv1x1:
         return (w1 @ self.z1.reshape(N, C + 1, H * W)).reshape(N, -1, H, W)
 
     def backward(self, dout):
+        return self.norm.backward(self.grad_at_norm_output(dout))
+
+    def grad_at_norm_output(self, dout):
+        """dL/d(norm's output): everything backward does before the batch norm's own backward."""
         if self.z1 is None:
             raise RuntimeError("BNReLUConv1x1.backward called before forward (run forward first)")
         xp = get_array_module(dout)
@@ -107,7 +111,7 @@ class BNReLUConv1x1:
         # dL/d(bn output) = (W^T · dout) where the ReLU passed its input (lo < z < hi), else 0
         dbn = (w.T @ d2).reshape(N, C, H, W)
         dbn *= self.mask if self.mask is not None else self.passed()
-        return self.norm.backward(dbn)
+        return dbn
 
     def _weight_with_shift(self):
         """[W·diag(s) | W·b]: (F, C + 1)."""

@@ -107,6 +107,25 @@ class BatchNorm2d(Module):
         return self.bias.data if self.affine else get_array_module(self.running_mean).zeros_like(self.running_mean)
 
     def backward(self, dout):
+        scale, mean_d, k = self.backward_terms(dout)
+        if k is None:
+            # eval: statistics are constants, so dL/dx = dout * gamma / sqrt(var + eps)
+            return dout * scale[:, None, None]
+        # train: dL/dx = gamma/sigma * (dout - mean(dout) - xhat * mean(dout * xhat)), means over (N, H, W)
+        dx = self.centered * k[:, None, None]
+        dx += mean_d[:, None, None]
+        get_array_module(dx).subtract(dout, dx, out=dx)
+        dx *= scale[:, None, None]
+        return dx
+
+    def backward_terms(self, dout):
+        """Accumulate dL/dgamma and dL/dbeta; return per-channel ``(scale, mean_d, k)`` such that
+        ``dL/dx = scale * (dout - mean_d - k * centered)`` in training (``mean_d = mean(dout)``,
+        ``k = inv_std² · mean(dout · centered)``), and ``(scale, None, None)``, ``dL/dx = scale * dout``, in eval.
+
+        For a caller that applies the terms itself: a dense block adds ``scale * dout`` at once and the
+        ``centered`` terms, whose ``centered`` all its layers share, once per channel (``DenseBlock.backward``).
+        """
         self._need(self.inv_std)
         centered, inv_std = self.centered, self.inv_std
         if centered is None:                               # eval forward kept x
@@ -122,14 +141,8 @@ class BatchNorm2d(Module):
         else:
             scale = inv_std
         if not self.batch_stats:
-            # eval: statistics are constants, so dL/dx = dout * gamma / sqrt(var + eps)
-            return dout * scale[:, None, None]
-        # train: dL/dx = gamma/sigma * (dout - mean(dout) - xhat * mean(dout * xhat)), means over (N, H, W)
-        dx = centered * (inv_std * sum_dxhat / n)[:, None, None]
-        dx += (sum_d / n)[:, None, None]
-        get_array_module(dx).subtract(dout, dx, out=dx)
-        dx *= scale[:, None, None]
-        return dx
+            return scale, None, None
+        return scale, sum_d / n, inv_std * sum_dxhat / n
 
     def _clear_cache(self):
         self.x = self.centered = self.inv_std = None
