@@ -82,11 +82,13 @@ class TypeProfiler:
             is_conv = kind == "Conv2d"
             self._wrap(m, "forward", cat + " forward" if is_conv else cat, m if is_conv else None, 1)
             self._wrap(m, "backward", cat + " backward" if is_conv else cat, m if is_conv else None, 2)
+            if kind == "BatchNorm2d":       # a dense block calls it instead of backward (shared statistics)
+                self._wrap(m, "backward_terms", cat)
         for _, m in self.model.named_modules():     # DenseNet's fused BN → ReLU → 1×1 conv heads
             head = getattr(m, "fused_head", None)
             if isinstance(head, BNReLUConv1x1):
                 self._wrap(head, "forward", FUSED)
-                self._wrap(head, "backward", FUSED)
+                self._wrap(head, "grad_at_norm_output", FUSED)   # its backward, up to the batch norm's
         self._wrap(conv_module, "im2col", "im2col")
         self._wrap(conv_module, "col2im", "col2im")
         return self
