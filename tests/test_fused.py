@@ -107,6 +107,13 @@ def test_fused_head_errors():
         head.backward(np.zeros((1, 2, 3, 3), np.float32))
     with pytest.raises(ValueError, match="BatchNorm2d: expected 4 input channels, got 3"):
         head.forward(np.zeros((2, 3, 3, 3), np.float32))
+    with pytest.raises(ValueError, match="channels do not chain"):
+        BNReLUConv1x1(BatchNorm2d(3), Conv2d(4, 2, 1, bias=False))
+    layer = DenseLayer(4, 2, 2).eval()
+    layer(np.ones((1, 4, 3, 3), np.float32))
+    layer.train()
+    with pytest.raises(RuntimeError, match="switched to training mode after forward"):
+        layer.backward(np.ones((1, 2, 3, 3), np.float32))
     t = Transition(4, 2)
     with pytest.raises(RuntimeError, match="Transition.backward called before forward"):
         t.backward(np.zeros((1, 2, 1, 1), np.float32))

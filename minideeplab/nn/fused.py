@@ -64,6 +64,9 @@ class BNReLUConv1x1:
     def __init__(self, norm, conv, post=None):
         if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.padding != (0, 0) or conv.bias is not None:
             raise ValueError(f"BNReLUConv1x1: needs a bias-free 1x1 conv with stride 1 and no padding, got {conv!r}")
+        if norm.num_features != conv.in_channels or (post is not None and post.num_features != conv.out_channels):
+            raise ValueError(f"BNReLUConv1x1: channels do not chain: norm has {norm.num_features}, conv "
+                             f"{conv.in_channels} -> {conv.out_channels}, post {post.num_features if post else None}")
         self.norm, self.conv, self.post = norm, conv, post
         self.z1 = self.mask = self.lo = self.hi = self.scale = self.shift = self.folded = None
 
@@ -100,6 +103,9 @@ class BNReLUConv1x1:
         C = self.z1.shape[1] - 1
         z1 = self.z1.reshape(N, C + 1, H * W)
         if self.folded:   # through post first: rebuild the conv output it normalised (one GEMM), then its backward
+            if self.post.training:
+                raise RuntimeError("BNReLUConv1x1.backward: the folded batch norm was switched to training mode "
+                                   "after forward; run forward again in the mode backward should see")
             self.post.affine_map((self._weight_with_shift() @ z1).reshape(N, F, H, W))
             dout = self.post.backward(dout)
         d2 = dout.reshape(N, F, H * W)
