@@ -314,3 +314,20 @@ def test_sigmoid_and_batchnorm_stay_finite_at_extremes():
     np.testing.assert_array_equal(s.ravel(), [0.0, 0.0, 0.5, 1.0, 1.0])
     np.testing.assert_array_equal(out, 0.0)
     assert np.all(np.isfinite(dx))
+
+
+def test_zero_grad_is_lazy_but_reads_and_accumulates_like_zeros(xp):
+    p = nn.Parameter(xp.ones((2, 3)))
+    p.accumulate(xp.full((2, 3), 2.0))
+    assert float(p.grad.sum()) == 12.0                      # accumulate adds: 0 + 2
+    p.accumulate(xp.ones((2, 3)))
+    assert float(p.grad.sum()) == 18.0                      # 2 + 1
+    p.zero_grad()
+    assert float(p.grad.sum()) == 0.0                       # read after zero_grad: zeros
+    p.zero_grad()
+    held = p._grad
+    p.accumulate(xp.full((2, 3), 5.0))                      # first accumulate after zero_grad: a copy, in place
+    assert p.grad is held and float(p.grad.sum()) == 30.0
+    p.zero_grad()
+    p.grad[0, 0] = 7.0                                      # writing through .grad sees the zeros first
+    assert float(p.grad.sum()) == 7.0

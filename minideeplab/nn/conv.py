@@ -162,11 +162,11 @@ class Conv2d(Module):
         N, F, Ho, Wo = dout.shape
         C, (kh, kw) = self.in_channels, self.kernel_size
         if self.bias is not None:
-            self.bias.grad += dout.sum(axis=(0, 2, 3))      # dL/db = sum of dout over batch and pixels
+            self.bias.accumulate(dout.sum(axis=(0, 2, 3)))      # dL/db = sum of dout over batch and pixels
         if self.path in ("pointwise", "im2col"):
             d2, cols = dout.reshape(N, F, Ho * Wo), self.saved
             # dL/dW = sum_n dout_n · cols_n^T ;  dL/dcols = W^T · dout
-            self.weight.grad += xp.matmul(d2, cols.transpose(0, 2, 1)).sum(axis=0).reshape(self.weight.shape)
+            self.weight.accumulate(xp.matmul(d2, cols.transpose(0, 2, 1)).sum(axis=0).reshape(self.weight.shape))
             if not self.input_grad:
                 return None
             dcols = self.weight.data.reshape(F, -1).T @ d2
@@ -207,7 +207,7 @@ class Conv2d(Module):
             dw_taps[i, j] = dr @ xr.reshape(C, -1).T
             if self.input_grad:
                 dx[:, :, iy, ix] += (w_taps_t[i, j] @ dr).reshape(xr.shape).transpose(1, 0, 2, 3)
-        self.weight.grad += dw_taps.transpose(2, 3, 0, 1)
+        self.weight.accumulate(dw_taps.transpose(2, 3, 0, 1))
         return dx
 
     def _clear_cache(self):

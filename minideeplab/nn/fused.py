@@ -113,7 +113,7 @@ class BNReLUConv1x1:
         # dL/dW = sum_n dout_n · (z_n·s + b)^T = (sum_n dout_n · z_n^T)·s + (sum of dout) ⊗ b, and the sum of dout
         # is the column the ones channel adds to sum_n dout_n · [z; 1]_n^T
         g = xp.matmul(d2, z1.transpose(0, 2, 1)).sum(axis=0)
-        self.conv.weight.grad += (g[:, :C] * self.scale + xp.outer(g[:, C], self.shift)).reshape(self.conv.weight.shape)
+        self.conv.weight.accumulate((g[:, :C] * self.scale + xp.outer(g[:, C], self.shift)).reshape(self.conv.weight.shape))
         # dL/d(bn output) = (W^T · dout) where the ReLU passed its input (lo < z < hi), else 0
         dbn = (w.T @ d2).reshape(N, C, H, W)
         dbn *= self.mask if self.mask is not None else self.passed()

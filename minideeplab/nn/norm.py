@@ -135,8 +135,8 @@ class BatchNorm2d(Module):
         sum_d, sum_dxhat = channel_sum(dout), channel_sum(dout, centered) * inv_std
         if self.affine:
             # dL/dgamma = sum dout * xhat ; dL/dbeta = sum dout
-            self.weight.grad += sum_dxhat
-            self.bias.grad += sum_d
+            self.weight.accumulate(sum_dxhat)
+            self.bias.accumulate(sum_d)
             scale = self.weight.data * inv_std
         else:
             scale = inv_std
