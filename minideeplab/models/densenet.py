@@ -65,20 +65,28 @@ class _FusedHead(_Named):
         return next(self.children()).backward(self._grad_at_norm_output(dout))
 
     def backward_terms(self, dout):
-        """``(g, scale, mean_d, k)``: dL/dx = scale * (g - mean_d - k * centered), centered = x - batch mean
-        (``BatchNorm2d.backward_terms``; training mode). For ``DenseBlock.backward``, which applies them."""
-        g = self._grad_at_norm_output(dout)
-        return (g, *next(self.children()).backward_terms(g))
+        """``(sg, scale, mean_d, k)``: dL/dx = sg - scale * (mean_d + k * centered), centered = x - batch mean,
+        sg = scale * g with g = dL/d(first batch norm's output) (``BatchNorm2d.backward_terms``; training mode).
+        For ``DenseBlock.backward``, which applies them. The fused head gets sg from its GEMM for free."""
+        norm = next(self.children())
+        scaled = self.head_was_fused and bool((self.fused_head.scale != 0).all())
+        g = self._grad_at_norm_output(dout, scaled)
+        scale, mean_d, k = norm.backward_terms(g, scaled)
+        if not scaled:
+            g *= scale[:, None, None]
+        return g, scale, mean_d, k
 
-    def _grad_at_norm_output(self, dout):
-        """dL/d(first batch norm's output)."""
+    def _grad_at_norm_output(self, dout, scaled=False):
+        """dL/d(first batch norm's output), times its scale if ``scaled`` (fused head only)."""
         self._need(self.head_was_fused)
         norm, relu, conv, *rest = self.children()
         if self.head_was_fused and self.fused_head.folded:
             rest = rest[1:]
         for m in reversed(rest):    # chain rule, last child first
             dout = m.backward(dout)
-        return self.fused_head.grad_at_norm_output(dout) if self.head_was_fused else relu.backward(conv.backward(dout))
+        if self.head_was_fused:
+            return self.fused_head.grad_at_norm_output(dout, scaled)
+        return relu.backward(conv.backward(dout))
 
     def _clear_cache(self):
         self.fused_head.clear_cache()
@@ -213,7 +221,7 @@ class DenseBlock(Module):
         shared = self.shared
         if shared is not None:
             # training: each norm1's dx = scale * (g - mean_d - k * centered), with ONE centered for the block.
-            # scale * g is added at once; the per-channel terms mean_d and k are summed over the layers in two
+            # scale * g (sg) is added at once; the per-channel terms mean_d and k are summed over the layers in two
             # vectors and applied to a slice just before its layer reads it (once per channel, not per layer).
             xp = get_array_module(dout)
             sum_mean = xp.zeros(self.out_channels, dtype=dout.dtype)
@@ -228,9 +236,8 @@ class DenseBlock(Module):
             if c < shared.done:     # read by a later layer (the last layer's output was read by none)
                 _apply_deferred(own, shared.centered[:, c:c + self.growth_rate], sum_mean[c:c + self.growth_rate],
                                 sum_k[c:c + self.growth_rate])
-            g, scale, mean_d, k = layer.backward_terms(own)
-            g *= scale[:, None, None]
-            grad[:, :c] += g
+            sg, scale, mean_d, k = layer.backward_terms(own)
+            grad[:, :c] += sg
             sum_mean[:c] += scale * mean_d
             sum_k[:c] += scale * k
         C0 = self.num_input_features

@@ -94,8 +94,9 @@ class BNReLUConv1x1:
     def backward(self, dout):
         return self.norm.backward(self.grad_at_norm_output(dout))
 
-    def grad_at_norm_output(self, dout):
-        """dL/d(norm's output): everything backward does before the batch norm's own backward."""
+    def grad_at_norm_output(self, dout, scaled: bool = False):
+        """dL/d(norm's output): everything backward does before the batch norm's own backward. ``scaled``: times
+        the batch norm's scale s, for free (the GEMM uses W·diag(s) instead of W)."""
         if self.z1 is None:
             raise RuntimeError("BNReLUConv1x1.backward called before forward (run forward first)")
         xp = get_array_module(dout)
@@ -115,7 +116,7 @@ class BNReLUConv1x1:
         g = xp.matmul(d2, z1.transpose(0, 2, 1)).sum(axis=0)
         self.conv.weight.accumulate((g[:, :C] * self.scale + xp.outer(g[:, C], self.shift)).reshape(self.conv.weight.shape))
         # dL/d(bn output) = (W^T · dout) where the ReLU passed its input (lo < z < hi), else 0
-        dbn = (w.T @ d2).reshape(N, C, H, W)
+        dbn = ((w * self.scale if scaled else w).T @ d2).reshape(N, C, H, W)
         dbn *= self.mask if self.mask is not None else self.passed()
         return dbn
 

@@ -118,28 +118,29 @@ class BatchNorm2d(Module):
         dx *= scale[:, None, None]
         return dx
 
-    def backward_terms(self, dout):
+    def backward_terms(self, dout, scaled: bool = False):
         """Accumulate dL/dgamma and dL/dbeta; return per-channel ``(scale, mean_d, k)`` such that
         ``dL/dx = scale * (dout - mean_d - k * centered)`` in training (``mean_d = mean(dout)``,
         ``k = inv_std² · mean(dout · centered)``), and ``(scale, None, None)``, ``dL/dx = scale * dout``, in eval.
 
         For a caller that applies the terms itself: a dense block adds ``scale * dout`` at once and the
         ``centered`` terms, whose ``centered`` all its layers share, once per channel (``DenseBlock.backward``).
+        ``scaled=True``: the caller passes ``scale * dout`` instead of ``dout`` (no zero in ``scale``): what it adds.
         """
         self._need(self.inv_std)
         centered, inv_std = self.centered, self.inv_std
         if centered is None:                               # eval forward kept x
             centered = self.x - self.running_mean[:, None, None]
         n = dout.shape[0] * dout.shape[2] * dout.shape[3]
-        # sum dout * xhat, with xhat = centered * inv_std
+        scale = self.weight.data * inv_std if self.affine else inv_std
+        # sum dout * xhat, with xhat = centered * inv_std (dout was given times scale if scaled)
         sum_d, sum_dxhat = channel_sum(dout), channel_sum(dout, centered) * inv_std
+        if scaled:
+            sum_d, sum_dxhat = sum_d / scale, sum_dxhat / scale
         if self.affine:
             # dL/dgamma = sum dout * xhat ; dL/dbeta = sum dout
             self.weight.accumulate(sum_dxhat)
             self.bias.accumulate(sum_d)
-            scale = self.weight.data * inv_std
-        else:
-            scale = inv_std
         if not self.batch_stats:
             return scale, None, None
         return scale, sum_d / n, inv_std * sum_dxhat / n
