@@ -21,6 +21,7 @@ forward+backward times measured on this 2-core machine (OpenBLAS, float32, batch
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 
@@ -36,6 +37,11 @@ from .functional import (
     valid_taps,
 )
 from .module import Module, Parameter
+
+
+@lru_cache(maxsize=512)
+def _valid_taps_cached(kernel_size, padding, dilation, in_hw, out_hw) -> tuple:
+    return tuple(valid_taps(kernel_size, padding, dilation, in_hw, out_hw))
 
 
 class Conv2d(Module):
@@ -98,7 +104,7 @@ class Conv2d(Module):
             if self.stride != (1, 1):
                 return "im2col"
             # kn2row multiplies every used tap with every pixel; "taps" only the pixels where the tap reads data
-            taps = list(valid_taps(self.kernel_size, self.padding, self.dilation, (H, W), (Ho, Wo)))
+            taps = self._taps((H, W), (Ho, Wo))
             used = sum((o[0].stop - o[0].start) * (o[1].stop - o[1].start) for _, _, o, _ in taps)
             return "kn2row" if used >= 0.7 * len(taps) * H * W else "taps"
         if (algo == "pointwise" and not pointwise) or (algo in ("kn2row", "taps") and self.stride != (1, 1)):
@@ -106,12 +112,19 @@ class Conv2d(Module):
                              f"padding {self.padding}, stride {self.stride}")
         return algo
 
+    def _taps(self, in_hw, out_hw):
+        """``valid_taps`` as a tuple, computed once per geometry (small maps run this every call)."""
+        return _valid_taps_cached(self.kernel_size, self.padding, self.dilation, tuple(in_hw), tuple(out_hw))
+
     def _used_taps(self, in_hw, out_hw):
         """The taps that read real input (``valid_taps``) and their weights stacked as (T, F, C)."""
-        taps = list(valid_taps(self.kernel_size, self.padding, self.dilation, in_hw, out_hw))
+        taps = self._taps(in_hw, out_hw)
         xp, w = get_array_module(self.weight.data), self.weight.data
         if not taps:                          # every output reads only padding
             return taps, xp.zeros((0, *w.shape[:2]), dtype=w.dtype)
+        F, C, kh, kw = w.shape
+        if len(taps) == kh * kw:              # all of them: one transposing copy, no gather
+            return taps, w.transpose(2, 3, 0, 1).reshape(kh * kw, F, C)
         rows, cols = [t[0] for t in taps], [t[1] for t in taps]
         return taps, xp.ascontiguousarray(w[:, :, rows, cols].transpose(2, 0, 1))
 
@@ -146,8 +159,7 @@ class Conv2d(Module):
         else:  # "taps"
             w_taps = xp.ascontiguousarray(self.weight.data.transpose(2, 3, 0, 1))  # (kh, kw, F, C)
             out = xp.zeros((N, F, Ho, Wo), dtype=x.dtype)
-            for i, j, (oy, ox), (iy, ix) in valid_taps(self.kernel_size, self.padding, self.dilation,
-                                                       x.shape[2:], (Ho, Wo)):
+            for i, j, (oy, ox), (iy, ix) in self._taps(x.shape[2:], (Ho, Wo)):
                 xr = x[:, :, iy, ix]
                 out[:, :, oy, ox] += (w_taps[i, j] @ xr.reshape(N, C, -1)).reshape(N, F, *xr.shape[2:])
             self.saved = x
@@ -201,7 +213,7 @@ class Conv2d(Module):
         w_taps_t = xp.ascontiguousarray(self.weight.data.transpose(2, 3, 1, 0))   # (kh, kw, C, F)
         dw_taps = xp.zeros((kh, kw, F, C), dtype=dout.dtype)
         dx = xp.zeros(self.x_shape, dtype=dout.dtype) if self.input_grad else None
-        for i, j, (oy, ox), (iy, ix) in valid_taps(self.kernel_size, self.padding, self.dilation, (H, W), (Ho, Wo)):
+        for i, j, (oy, ox), (iy, ix) in self._taps((H, W), (Ho, Wo)):
             xr = xp.ascontiguousarray(x[:, :, iy, ix].transpose(1, 0, 2, 3))          # (C, N, h, w)
             dr = xp.ascontiguousarray(dout[:, :, oy, ox].transpose(1, 0, 2, 3)).reshape(F, -1)
             dw_taps[i, j] = dr @ xr.reshape(C, -1).T
