@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from minideeplab import nn
+from minideeplab.gradcheck import check_module
 from minideeplab.models import (
     ASPP,
     DeepLabConfig,
@@ -331,3 +332,17 @@ def test_dense_block_backward_applies_the_shared_centered_terms_once_per_channel
     np.testing.assert_allclose(dx_d, dx_l, rtol=1e-12, atol=1e-12)
     for name in g_l:
         np.testing.assert_allclose(g_d[name], g_l[name], rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_dense_block_in_training_with_frozen_batch_norms():
+    """A block in training mode whose batch norms were put in eval mode (frozen statistics, as in fine-tuning):
+    the norm1 gradients have no centred terms then, and the gradients are still exact."""
+    rng = np.random.default_rng(12)
+    block = DenseBlock(3, 4, 2, 3, rng=rng, dtype=np.float64)
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean[...] = rng.normal(0, 0.3, m.num_features)
+            m.running_var[...] = rng.uniform(0.5, 1.5, m.num_features)
+            m.eval()
+    assert block.training
+    check_module(block, rng.standard_normal((2, 4, 5, 6)), rtol=1e-6, full_limit=10_000, rng=np.random.default_rng(3))

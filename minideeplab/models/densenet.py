@@ -238,8 +238,9 @@ class DenseBlock(Module):
                                 sum_k[c:c + self.growth_rate])
             sg, scale, mean_d, k = layer.backward_terms(own)
             grad[:, :c] += sg
-            sum_mean[:c] += scale * mean_d
-            sum_k[:c] += scale * k
+            if k is not None:       # None: this norm1 ran in eval mode (frozen batch norm), dx = scale * g
+                sum_mean[:c] += scale * mean_d
+                sum_k[:c] += scale * k
         C0 = self.num_input_features
         if shared is not None:
             _apply_deferred(grad[:, :C0], shared.centered[:, :C0], sum_mean[:C0], sum_k[:C0])
