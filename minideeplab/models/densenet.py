@@ -50,14 +50,10 @@ class _FusedHead(_Named):
 
     def forward(self, x, stats=None):
         """``stats``: the batch statistics of ``x`` when the caller has them already (see ``SharedBatchStatistics``)."""
-        norm, relu, conv, *rest = self.children()
+        norm, relu, conv = list(self.children())[:3]
         self.head_was_fused = bool(self.fused)
-        if self.head_was_fused:
-            x = self.fused_head.forward(x, stats)
-            rest = rest[1:] if self.fused_head.folded else rest   # an eval norm2 was folded into the head
-        else:
-            x = conv(relu(norm(x, stats)))
-        for m in rest:
+        x = self.fused_head.forward(x, stats) if self.head_was_fused else conv(relu(norm(x, stats)))
+        for m in self._after_head():
             x = m(x)
         return x
 
@@ -79,14 +75,17 @@ class _FusedHead(_Named):
     def _grad_at_norm_output(self, dout, scaled=False):
         """dL/d(first batch norm's output), times its scale if ``scaled`` (fused head only)."""
         self._need(self.head_was_fused)
-        norm, relu, conv, *rest = self.children()
-        if self.head_was_fused and self.fused_head.folded:
-            rest = rest[1:]
-        for m in reversed(rest):    # chain rule, last child first
+        _, relu, conv = list(self.children())[:3]
+        for m in reversed(self._after_head()):    # chain rule, last child first
             dout = m.backward(dout)
         if self.head_was_fused:
             return self.fused_head.grad_at_norm_output(dout, scaled)
         return relu.backward(conv.backward(dout))
+
+    def _after_head(self):
+        """The children after norm → relu → conv, less norm2 when the last forward folded it into the head."""
+        rest = list(self.children())[3:]
+        return rest[1:] if self.head_was_fused and self.fused_head.folded else rest
 
     def _clear_cache(self):
         self.fused_head.clear_cache()
