@@ -68,7 +68,7 @@ class BNReLUConv1x1:
             raise ValueError(f"BNReLUConv1x1: channels do not chain: norm has {norm.num_features}, conv "
                              f"{conv.in_channels} -> {conv.out_channels}, post {post.num_features if post else None}")
         self.norm, self.conv, self.post = norm, conv, post
-        self.z1 = self.mask = self.lo = self.hi = self.scale = self.shift = self.folded = None
+        self.z1 = self.mask = self.lo = self.hi = self.scale = self.shift = self.folded = self.w_scaled = None
 
     def forward(self, x, stats=None):
         """``stats``: as in ``BatchNorm2d.forward`` (batch statistics of ``x`` computed by the caller).
@@ -85,6 +85,7 @@ class BNReLUConv1x1:
         self.mask = self.passed() if self.norm.training else None   # else only if backward asks
         w1 = self._weight_with_shift()
         self.folded = self.post is not None and not self.post.training
+        self.w_scaled = None if self.folded else w1[:, :C]    # W·diag(s), for a scaled backward
         if self.folded:                       # post(y) = s2·y + b2: scale w1's rows, add b2 to the ones column
             _, s2, b2 = self.post.eval_affine()
             w1 *= s2[:, None]
@@ -116,7 +117,9 @@ class BNReLUConv1x1:
         g = xp.matmul(d2, z1.transpose(0, 2, 1)).sum(axis=0)
         self.conv.weight.accumulate((g[:, :C] * self.scale + xp.outer(g[:, C], self.shift)).reshape(self.conv.weight.shape))
         # dL/d(bn output) = (W^T · dout) where the ReLU passed its input (lo < z < hi), else 0
-        dbn = ((w * self.scale if scaled else w).T @ d2).reshape(N, C, H, W)
+        if scaled:   # W·diag(s) from forward, unless norm2 was folded into that GEMM's weight
+            w = self.w_scaled if self.w_scaled is not None else w * self.scale
+        dbn = (w.T @ d2).reshape(N, C, H, W)
         dbn *= self.mask if self.mask is not None else self.passed()
         return dbn
 
@@ -137,4 +140,4 @@ class BNReLUConv1x1:
         return (z > self.lo[:, None, None]) & (z < self.hi[:, None, None])
 
     def clear_cache(self):
-        self.z1 = self.mask = self.lo = self.hi = self.scale = self.shift = self.folded = None
+        self.z1 = self.mask = self.lo = self.hi = self.scale = self.shift = self.folded = self.w_scaled = None
