@@ -5,7 +5,7 @@ from test_gradcheck_layers import conv_algorithms
 
 from minideeplab import nn
 from minideeplab.backend import to_numpy
-from minideeplab.nn.functional import shift_into
+from minideeplab.nn.functional import stack_shifted, sum_shifted
 
 F64 = np.float64
 
@@ -78,24 +78,60 @@ def test_forcing_a_path_that_does_not_apply_is_a_clear_error():
 
 
 def naive_shift_add(out, y, a, b):
-    """The row-by-row definition: out[..., r, c] += y[..., r + a, c + b] wherever both pixels exist."""
+    """The pixel-by-pixel definition: out[..., r, c] += y[..., r + a, c + b] wherever both pixels exist."""
     H, W = out.shape[-2:]
     for r in range(max(0, -a), min(H, H - a)):
         for c in range(max(0, -b), min(W, W - b)):
             out[..., r, c] += y[..., r + a, c + b]
 
 
-@pytest.mark.parametrize("hw", [(5, 7), (6, 3), (1, 4)])
-def test_shift_into_matches_the_row_by_row_definition(hw):
+ALL_SHIFTS = {(5, 7): [(a, b) for a in range(-5, 6) for b in range(-7, 8)],
+              (6, 3): [(a, b) for a in range(-6, 7) for b in range(-3, 4)], (1, 4): [(0, b) for b in range(-4, 5)]}
+
+
+@pytest.mark.parametrize("hw", sorted(ALL_SHIFTS))
+@pytest.mark.parametrize("channels", [1, 3])
+def test_sum_shifted_matches_the_pixel_by_pixel_definition(hw, channels):
+    """Every shift, those reaching beyond the map (|a| >= H: nothing added) included, with and without (0, 0)."""
     rng = np.random.default_rng(0)
+    shifts = ALL_SHIFTS[hw]
+    blocks = rng.standard_normal((2, len(shifts), channels, *hw))
+    expected = np.zeros((2, channels, *hw))
+    for t, (a, b) in enumerate(shifts):
+        naive_shift_add(expected, blocks[:, t], a, b)
+    np.testing.assert_allclose(sum_shifted(blocks.copy(), shifts), expected, rtol=1e-13, atol=1e-13)
+    no_centre = [t for t, s in enumerate(shifts) if s != (0, 0)]
+    expected = np.zeros((2, channels, *hw))
+    for t in no_centre:
+        naive_shift_add(expected, blocks[:, t], *shifts[t])
+    got = sum_shifted(blocks[:, no_centre].copy(), [shifts[t] for t in no_centre])
+    np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("hw", sorted(ALL_SHIFTS))
+def test_stack_shifted_is_the_adjoint_of_sum_shifted(hw):
+    """<sum_shifted(Y), o> == <Y, stack_shifted(o)>, and stack_shifted against its definition."""
+    rng = np.random.default_rng(1)
+    shifts = ALL_SHIFTS[hw]
+    Y, o = rng.standard_normal((2, len(shifts), 3, *hw)), rng.standard_normal((2, 3, *hw))
+    D = stack_shifted(o, shifts)
+    np.testing.assert_allclose(np.vdot(sum_shifted(Y.copy(), shifts), o), np.vdot(Y, D), rtol=1e-12)
     H, W = hw
-    for a in range(-H + 1, H):
-        for b in range(-W + 1, W):
-            y, out = rng.standard_normal((2, 3, H, W)), rng.standard_normal((2, 3, H, W))
-            expected = out.copy()
-            naive_shift_add(expected, y, a, b)
-            shift_into(out, y.copy(), a, b)
-            np.testing.assert_allclose(out, expected, rtol=1e-14, atol=1e-14, err_msg=f"shift ({a}, {b})")
+    for t, (a, b) in enumerate(shifts):
+        expected = np.zeros((2, 3, H, W))
+        for r in range(H):
+            for c in range(W):
+                if 0 <= r - a < H and 0 <= c - b < W:
+                    expected[..., r, c] = o[..., r - a, c - b]
+        np.testing.assert_array_equal(D[:, t], expected, err_msg=f"shift ({a}, {b})")
+
+
+def test_stack_shifted_reads_a_channel_slice_of_a_bigger_buffer():
+    """kn2row's backward gets dout as a channel slice of a dense block's gradient buffer (not contiguous)."""
+    rng = np.random.default_rng(2)
+    buf = rng.standard_normal((2, 7, 5, 6))
+    shifts = [(a, b) for a in (-1, 0, 1) for b in (-2, 0, 2)]
+    np.testing.assert_array_equal(stack_shifted(buf[:, 2:5], shifts), stack_shifted(buf[:, 2:5].copy(), shifts))
 
 
 @pytest.mark.parametrize("algorithm", ["pointwise", "kn2row", "taps", "im2col"])

@@ -33,7 +33,8 @@ from .functional import (
     conv_output_size,
     im2col,
     pair,
-    shift_into,
+    stack_shifted,
+    sum_shifted,
     valid_taps,
 )
 from .module import Module, Parameter
@@ -42,6 +43,11 @@ from .module import Module, Parameter
 @lru_cache(maxsize=512)
 def _valid_taps_cached(kernel_size, padding, dilation, in_hw, out_hw) -> tuple:
     return tuple(valid_taps(kernel_size, padding, dilation, in_hw, out_hw))
+
+
+def _shifts(taps) -> list:
+    """Each tap's offset (a, b): output pixel (r, c) reads input pixel (r + a, c + b) through it."""
+    return [(iy.start - oy.start, ix.start - ox.start) for _, _, (oy, ox), (iy, ix) in taps]
 
 
 class Conv2d(Module):
@@ -148,12 +154,11 @@ class Conv2d(Module):
         elif path == "kn2row":
             taps, w_taps = self._used_taps(x.shape[2:], (Ho, Wo))
             Y = (w_taps.reshape(-1, C) @ x.reshape(N, C, -1)).reshape(N, len(taps), F, *x.shape[2:])
-            out = xp.zeros((N, F, Ho, Wo), dtype=x.dtype)
-            same_size = (Ho, Wo) == tuple(x.shape[2:])
-            for t, (_, _, (oy, ox), (iy, ix)) in enumerate(taps):
-                if same_size:                    # tap t's block, shifted by its offset (one flat slice)
-                    shift_into(out, Y[:, t], iy.start - oy.start, ix.start - ox.start)
-                else:
+            if (Ho, Wo) == tuple(x.shape[2:]):   # each tap's block, moved by its offset (flat slice adds)
+                out = sum_shifted(Y, _shifts(taps))
+            else:
+                out = xp.zeros((N, F, Ho, Wo), dtype=x.dtype)
+                for t, (_, _, (oy, ox), (iy, ix)) in enumerate(taps):
                     out[:, :, oy, ox] += Y[:, t, :, iy, ix]
             self.saved = x
         else:  # "taps"
@@ -194,9 +199,12 @@ class Conv2d(Module):
             x = self.saved
             taps, w_taps = self._used_taps((H, W), (Ho, Wo))
             # D[tap t] = dout moved to the input pixels tap t read (zero where it read padding)
-            D = xp.zeros((N, len(taps), F, H, W), dtype=dout.dtype)
-            for t, (_, _, (oy, ox), (iy, ix)) in enumerate(taps):
-                D[:, t, :, iy, ix] = dout[:, :, oy, ox]
+            if (Ho, Wo) == (H, W):
+                D = stack_shifted(dout, _shifts(taps))
+            else:
+                D = xp.zeros((N, len(taps), F, H, W), dtype=dout.dtype)
+                for t, (_, _, (oy, ox), (iy, ix)) in enumerate(taps):
+                    D[:, t, :, iy, ix] = dout[:, :, oy, ox]
             D = D.reshape(N, len(taps) * F, H * W)
             # dL/dW_tap = D_tap · x^T ;  dL/dx = W_taps^T · D (the correlation with the flipped kernel)
             G = xp.matmul(D, x.reshape(N, C, H * W).transpose(0, 2, 1)).sum(axis=0).reshape(len(taps), F, C)

@@ -138,27 +138,72 @@ def valid_taps(kernel_size, padding, dilation, in_hw, out_hw):
                 yield i, j, (slice(y0, y1), slice(x0, x1)), (slice(y0 + a, y1 + a), slice(x0 + b, x1 + b))
 
 
-def shift_into(out, y, a: int, b: int) -> None:
-    """``out[..., r, c] += y[..., r + a, c + b]`` wherever both pixels exist (kn2row's shifted tap blocks).
+def _zero_wrapped(y, a: int, b: int) -> None:
+    """Zero the pixels of ``y`` (..., H, W) that a flat shift by (a, b) pairs with nothing in the map: the first
+    (a > 0) or last (a < 0) |a| rows and the first (b > 0) or last (b < 0) |b| columns."""
+    H, W = y.shape[-2:]
+    if a:
+        rows = slice(0, min(a, H)) if a > 0 else slice(max(H + a, 0), H)
+        y[..., rows, :] = 0
+    if b:
+        cols = slice(0, min(b, W)) if b > 0 else slice(max(W + b, 0), W)
+        y[..., cols] = 0
 
-    For maps of one size (H, W) seen flat (H*W), the shift by (a, b) is a shift by ``a*W + b``: one contiguous
-    slice add per (n, channel) instead of one per row (forward of a 3x3 128->32 conv at 64x64: 5.2 ms against
-    5.9). Only a column shift wraps across rows, and it reads just the |b| columns of ``y`` that nothing else
-    reads: they are zeroed first (``y`` is scratch).
 
-    Shapes: out, y: (..., H, W), same H and W; ``out`` contiguous in (H, W) (its flat view is written).
+def sum_shifted(blocks, shifts):
+    """``out[n, f, r, c] = sum_t blocks[n, t, f, r + a_t, c + b_t]`` over the taps t whose pixel exists (kn2row's
+    output: each tap's block moved by its offset; what falls off the map is dropped).
+
+    A shift by (a, b) is a shift by ``a*W + b`` of the image seen flat (F*H*W per item): one long slice add per
+    tap, even across rows and channels, because what such a flat shift would wrongly pair (the |a| rows and |b|
+    columns at the block's edge, which no output pixel reads) is zeroed in ``blocks`` first: ``blocks`` is
+    scratch. The tap at (0, 0) is copied instead of added to zeros. At 16x16 (32 channels, 9 taps): 80 µs against
+    170 for one 2-D slice add per tap, whose many short rows cost more than their data.
+
+    Shapes: blocks: (N, T, F, H, W) contiguous, shifts: T pairs (a, b) -> out: (N, F, H, W).
     """
-    H, W = out.shape[-2:]
-    if b > 0:
-        y[..., :b] = 0
-    elif b < 0:
-        y[..., W + b:] = 0
-    off = a * W + b
-    of, yf = out.reshape(*out.shape[:-2], H * W), y.reshape(*y.shape[:-2], H * W)
-    if off >= 0:
-        of[..., :H * W - off] += yf[..., off:]
-    else:
-        of[..., -off:] += yf[..., :H * W + off]
+    xp = get_array_module(blocks)
+    N, T, F, H, W = blocks.shape
+    L = F * H * W
+    flat = blocks.reshape(N, T, L)
+    centre = next((t for t, s in enumerate(shifts) if tuple(s) == (0, 0)), None)
+    out = flat[:, centre].copy() if centre is not None else xp.zeros((N, L), dtype=blocks.dtype)
+    for t, (a, b) in enumerate(shifts):
+        if t == centre:
+            continue
+        off = a * W + b
+        if abs(off) >= L:                      # reads only padding: adds nothing
+            continue
+        _zero_wrapped(blocks[:, t], a, b)
+        if off >= 0:
+            out[:, :L - off] += flat[:, t, off:]
+        else:
+            out[:, -off:] += flat[:, t, :L + off]
+    return out.reshape(N, F, H, W)
+
+
+def stack_shifted(dout, shifts):
+    """The adjoint of ``sum_shifted``: ``D[n, t, f, r, c] = dout[n, f, r - a_t, c - b_t]``, zero where that pixel does
+    not exist (kn2row's backward: dout moved to the input pixels each tap read). One flat slice copy per tap, then
+    the |a| rows and |b| columns the flat copy filled from a neighbouring row or channel are zeroed.
+
+    Shapes: dout: (N, F, H, W), shifts: T pairs (a, b) -> D: (N, T, F, H, W).
+    """
+    xp = get_array_module(dout)
+    N, F, H, W = dout.shape
+    L = F * H * W
+    D = xp.empty((N, len(shifts), F, H, W), dtype=dout.dtype)
+    flat, d = D.reshape(N, len(shifts), L), dout.reshape(N, L)
+    for t, (a, b) in enumerate(shifts):
+        off = min(max(a * W + b, -L), L)
+        if off >= 0:
+            flat[:, t, off:] = d[:, :L - off]
+            flat[:, t, :off] = 0
+        else:
+            flat[:, t, :L + off] = d[:, -off:]
+            flat[:, t, L + off:] = 0
+        _zero_wrapped(D[:, t], a, b)
+    return D
 
 
 def channel_sum(a, b=None):
