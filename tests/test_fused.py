@@ -97,6 +97,28 @@ def test_fused_dense_block_matches_layer_by_layer(xp, device, train):
         np.testing.assert_allclose(s_f[name], s_u[name], rtol=1e-12, atol=1e-12, err_msg=name)
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels", [slice(0, 2), slice(None)], ids=["positive", "all"])
+def test_norm_grad_sums_is_the_sum_of_g_times_src(xp, device, train, channels):
+    """sum(g · src) read off the weight gradient's GEMM equals the direct sum, for every kind of channel (gamma
+    positive, negative, 0, and so small that the channel is constant); src = centered (train) or x (eval)."""
+    rng = np.random.default_rng(SEED)
+    gammas = np.array(SCALES)[channels]
+    C = len(gammas)
+    norm, conv = BatchNorm2d(C, dtype=np.float64), Conv2d(C, 3, 1, bias=False, rng=rng, dtype=np.float64)
+    norm.weight.data[...], norm.bias.data[...] = gammas, np.array(SHIFTS)[channels]
+    norm.train(train).to(device)
+    conv.to(device)
+    head = BNReLUConv1x1(norm, conv)
+    x = to_device(rng.standard_normal((2, C, 5, 4)) * 2, device)
+    head.forward(x)
+    g = head.grad_at_norm_output(to_device(rng.standard_normal((2, 3, 5, 4)), device))
+    src = norm.centered if train else x
+    sum_g = g.sum(axis=(0, 2, 3))
+    np.testing.assert_allclose(to_numpy(head.norm_grad_sums(sum_g)), to_numpy((g * src).sum(axis=(0, 2, 3))),
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_fused_head_errors():
     bn = BatchNorm2d(4)
     for conv in (Conv2d(4, 2, 3, padding=1), Conv2d(4, 2, 1, stride=2, bias=False), Conv2d(4, 2, 1)):
@@ -105,6 +127,8 @@ def test_fused_head_errors():
     head = BNReLUConv1x1(bn, Conv2d(4, 2, 1, bias=False))
     with pytest.raises(RuntimeError, match="backward called before forward"):
         head.backward(np.zeros((1, 2, 3, 3), np.float32))
+    with pytest.raises(RuntimeError, match="norm_grad_sums needs a backward of an unfolded head first"):
+        head.norm_grad_sums(np.zeros(4, np.float32))
     with pytest.raises(ValueError, match="BatchNorm2d: expected 4 input channels, got 3"):
         head.forward(np.zeros((2, 3, 3, 3), np.float32))
     with pytest.raises(ValueError, match="channels do not chain"):

@@ -69,6 +69,7 @@ class BNReLUConv1x1:
                              f"{conv.in_channels} -> {conv.out_channels}, post {post.num_features if post else None}")
         self.norm, self.conv, self.post = norm, conv, post
         self.z1 = self.mask = self.lo = self.hi = self.scale = self.shift = self.folded = self.w_scaled = None
+        self.dout_z = None   # sum_n dout_n · [z; 1]_n^T (F, C + 1) of the last backward: gives norm_grad_sums for free
 
     def forward(self, x, stats=None):
         """``stats``: as in ``BatchNorm2d.forward`` (batch statistics of ``x`` computed by the caller).
@@ -114,7 +115,7 @@ class BNReLUConv1x1:
         w = self.conv.weight.data.reshape(F, C)
         # dL/dW = sum_n dout_n · (z_n·s + b)^T = (sum_n dout_n · z_n^T)·s + (sum of dout) ⊗ b, and the sum of dout
         # is the column the ones channel adds to sum_n dout_n · [z; 1]_n^T
-        g = xp.matmul(d2, z1.transpose(0, 2, 1)).sum(axis=0)
+        g = self.dout_z = xp.matmul(d2, z1.transpose(0, 2, 1)).sum(axis=0)
         self.conv.weight.accumulate((g[:, :C] * self.scale + xp.outer(g[:, C], self.shift)).reshape(self.conv.weight.shape))
         # dL/d(bn output) = (W^T · dout) where the ReLU passed its input (lo < z < hi), else 0
         if scaled:   # W·diag(s) from forward, unless norm2 was folded into that GEMM's weight
@@ -122,6 +123,29 @@ class BNReLUConv1x1:
         dbn = (w.T @ d2).reshape(N, C, H, W)
         dbn *= self.mask if self.mask is not None else self.passed()
         return dbn
+
+    def norm_grad_sums(self, sum_g):
+        """``sum(g · src)`` per channel for g = dL/d(norm output) of the last backward, given ``sum_g = sum(g)``,
+        without a pass over g: the weight gradient's GEMM has it already (``src``: what forward clipped into z).
+
+        With h = W^T · dout, g = h where the ReLU passed (z = src there) and 0 where it blocked (z = v there, one
+        value per channel: lo, hi, or 0 for a constant channel), so sum(g·src) = sum(h·z) - v·(sum(h) - sum(g)), and
+        sum_p h·z = sum_f W[f, c] · (dout · z^T)[f, c], sum_p h = W^T · (dout summed over pixels): columns of
+        ``dout_z``. Shapes: sum_g: (C,) -> (C,).
+        """
+        if self.dout_z is None or self.folded:
+            raise RuntimeError("BNReLUConv1x1.norm_grad_sums needs a backward of an unfolded head first")
+        xp = get_array_module(sum_g)
+        C = self.dout_z.shape[1] - 1
+        w = self.conv.weight.data.reshape(-1, C)
+        sum_hz = (w * self.dout_z[:, :C]).sum(axis=0)
+        sum_h = self.dout_z[:, C] @ w
+        if self.hi is None:
+            blocked = self.lo
+        else:
+            finite = xp.isfinite
+            blocked = xp.where(finite(self.lo), self.lo, xp.where(finite(self.hi), self.hi, 0))
+        return sum_hz - blocked * (sum_h - sum_g)
 
     def _weight_with_shift(self):
         """[W·diag(s) | W·b]: (F, C + 1)."""
@@ -141,3 +165,4 @@ class BNReLUConv1x1:
 
     def clear_cache(self):
         self.z1 = self.mask = self.lo = self.hi = self.scale = self.shift = self.folded = self.w_scaled = None
+        self.dout_z = None

@@ -118,7 +118,7 @@ class BatchNorm2d(Module):
         dx *= scale[:, None, None]
         return dx
 
-    def backward_terms(self, dout, scaled: bool = False):
+    def backward_terms(self, dout, scaled: bool = False, sums=None):
         """Accumulate dL/dgamma and dL/dbeta; return per-channel ``(scale, mean_d, k)`` such that
         ``dL/dx = scale * (dout - mean_d - k * centered)`` in training (``mean_d = mean(dout)``,
         ``k = inv_std² · mean(dout · centered)``), and ``(scale, None, None)``, ``dL/dx = scale * dout``, in eval.
@@ -126,6 +126,8 @@ class BatchNorm2d(Module):
         For a caller that applies the terms itself: a dense block adds ``scale * dout`` at once and the
         ``centered`` terms, whose ``centered`` all its layers share, once per channel (``DenseBlock.backward``).
         ``scaled=True``: the caller passes ``scale * dout`` instead of ``dout`` (no zero in ``scale``): what it adds.
+        ``sums``: ``(sum(dout), sum(dout * centered))`` per channel (of the unscaled dout), when the caller has them
+        (a fused head gets the second from its weight gradient's GEMM, ``BNReLUConv1x1.norm_grad_sums``).
         """
         self._need(self.inv_std)
         centered, inv_std = self.centered, self.inv_std
@@ -134,9 +136,12 @@ class BatchNorm2d(Module):
         n = dout.shape[0] * dout.shape[2] * dout.shape[3]
         scale = self.weight.data * inv_std if self.affine else inv_std
         # sum dout * xhat, with xhat = centered * inv_std (dout was given times scale if scaled)
-        sum_d, sum_dxhat = channel_sum(dout), channel_sum(dout, centered) * inv_std
-        if scaled:
-            sum_d, sum_dxhat = sum_d / scale, sum_dxhat / scale
+        if sums is not None:
+            sum_d, sum_dxhat = sums[0], sums[1] * inv_std
+        else:
+            sum_d, sum_dxhat = channel_sum(dout), channel_sum(dout, centered) * inv_std
+            if scaled:
+                sum_d, sum_dxhat = sum_d / scale, sum_dxhat / scale
         if self.affine:
             # dL/dgamma = sum dout * xhat ; dL/dbeta = sum dout
             self.weight.accumulate(sum_dxhat)
