@@ -89,6 +89,7 @@ class TypeProfiler:
             if isinstance(head, BNReLUConv1x1):
                 self._wrap(head, "forward", FUSED)
                 self._wrap(head, "grad_at_norm_output", FUSED)   # its backward, up to the batch norm's
+                self._wrap(head, "norm_sums", FUSED)             # and the batch norm's sums, from its GEMM
         self._wrap(conv_module, "im2col", "im2col")
         self._wrap(conv_module, "col2im", "col2im")
         return self

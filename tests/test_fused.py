@@ -97,26 +97,34 @@ def test_fused_dense_block_matches_layer_by_layer(xp, device, train):
         np.testing.assert_allclose(s_f[name], s_u[name], rtol=1e-12, atol=1e-12, err_msg=name)
 
 
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("mode", ["train", "eval", "eval_folded"])
 @pytest.mark.parametrize("channels", [slice(0, 2), slice(None)], ids=["positive", "all"])
-def test_norm_grad_sums_is_the_sum_of_g_times_src(xp, device, train, channels):
-    """sum(g · src) read off the weight gradient's GEMM equals the direct sum, for every kind of channel (gamma
-    positive, negative, 0, and so small that the channel is constant); src = centered (train) or x (eval)."""
+def test_norm_sums_are_the_sums_of_g_and_g_times_centered(xp, device, mode, channels):
+    """The batch norm's two backward sums, read off the weight gradient's GEMM, equal the direct ones, for every kind
+    of channel (gamma positive, negative, 0, and so small that the channel is constant); centered = x - batch mean
+    (train) or x - running mean (eval, also with a folded norm2); and the same given g times the scale."""
     rng = np.random.default_rng(SEED)
     gammas = np.array(SCALES)[channels]
     C = len(gammas)
     norm, conv = BatchNorm2d(C, dtype=np.float64), Conv2d(C, 3, 1, bias=False, rng=rng, dtype=np.float64)
     norm.weight.data[...], norm.bias.data[...] = gammas, np.array(SHIFTS)[channels]
-    norm.train(train).to(device)
-    conv.to(device)
-    head = BNReLUConv1x1(norm, conv)
+    norm.running_mean[...] = rng.normal(0, 0.3, C)
+    post = randomized_bn(BatchNorm2d(3, dtype=np.float64), rng, signed=False).eval().to(device)
+    norm.train(mode == "train").to(device)
+    head = BNReLUConv1x1(norm, conv.to(device), post if mode == "eval_folded" else None)
     x = to_device(rng.standard_normal((2, C, 5, 4)) * 2, device)
     head.forward(x)
-    g = head.grad_at_norm_output(to_device(rng.standard_normal((2, 3, 5, 4)), device))
-    src = norm.centered if train else x
-    sum_g = g.sum(axis=(0, 2, 3))
-    np.testing.assert_allclose(to_numpy(head.norm_grad_sums(sum_g)), to_numpy((g * src).sum(axis=(0, 2, 3))),
-                               rtol=1e-12, atol=1e-12)
+    assert head.folded == (mode == "eval_folded")
+    dout = to_device(rng.standard_normal((2, 3, 5, 4)), device)
+    g = head.grad_at_norm_output(dout)
+    centered = norm.centered if mode == "train" else x - norm.running_mean[:, None, None]
+    expected = [to_numpy(g.sum(axis=(0, 2, 3))), to_numpy((g * centered).sum(axis=(0, 2, 3)))]
+    for a, b in zip(head.norm_sums(g), expected):
+        np.testing.assert_allclose(to_numpy(a), b, rtol=1e-12, atol=1e-12)
+    if not bool((head.scale == 0).any()):     # scaled: g comes times s, the sums are still those of g
+        sg = head.grad_at_norm_output(dout, scaled=True)
+        for a, b in zip(head.norm_sums(sg, scaled=True), expected):
+            np.testing.assert_allclose(to_numpy(a), b, rtol=1e-10, atol=1e-12)
 
 
 def test_fused_head_errors():
@@ -127,8 +135,8 @@ def test_fused_head_errors():
     head = BNReLUConv1x1(bn, Conv2d(4, 2, 1, bias=False))
     with pytest.raises(RuntimeError, match="backward called before forward"):
         head.backward(np.zeros((1, 2, 3, 3), np.float32))
-    with pytest.raises(RuntimeError, match="norm_grad_sums needs a backward of an unfolded head first"):
-        head.norm_grad_sums(np.zeros(4, np.float32))
+    with pytest.raises(RuntimeError, match="norm_sums needs a backward first"):
+        head.norm_sums(np.zeros((1, 4, 3, 3), np.float32))
     with pytest.raises(ValueError, match="BatchNorm2d: expected 4 input channels, got 3"):
         head.forward(np.zeros((2, 3, 3, 3), np.float32))
     with pytest.raises(ValueError, match="channels do not chain"):

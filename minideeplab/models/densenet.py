@@ -10,7 +10,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..nn import AvgPool2d, BatchNorm2d, Conv2d, Identity, MaxPool2d, Module, ReLU, Sequential
-from ..nn.functional import channel_sum, check_input
+from ..nn.functional import check_input
 from ..nn.fused import BNReLUConv1x1
 from ..nn.norm import batch_statistics
 
@@ -58,22 +58,18 @@ class _FusedHead(_Named):
         return x
 
     def backward(self, dout):
-        return next(self.children()).backward(self._grad_at_norm_output(dout))
+        g = self._grad_at_norm_output(dout)
+        return next(self.children()).backward(g, self.fused_head.norm_sums(g) if self.head_was_fused else None)
 
     def backward_terms(self, dout):
         """``(sg, scale, mean_d, k)``: dL/dx = sg - scale * (mean_d + k * centered), centered = x - batch mean,
         sg = scale * g with g = dL/d(first batch norm's output) (``BatchNorm2d.backward_terms``; training mode).
         For ``DenseBlock.backward``, which applies them. The fused head gets sg from its GEMM for free, and
-        sum(g · centered), which the batch norm needs, from its weight gradient's GEMM (``norm_grad_sums``)."""
+        sum(g · centered), which the batch norm needs, from its weight gradient's GEMM (``norm_sums``)."""
         norm, head = next(self.children()), self.fused_head
         scaled = self.head_was_fused and bool((head.scale != 0).all())
         g = self._grad_at_norm_output(dout, scaled)
-        sums = None
-        if self.head_was_fused and not head.folded:
-            sum_g = channel_sum(g) / head.scale if scaled else channel_sum(g)
-            sum_gc = head.norm_grad_sums(sum_g)            # sum(g · src): src = centered in training, x in eval
-            sums = (sum_g, sum_gc if norm.batch_stats else sum_gc - norm.running_mean * sum_g)
-        scale, mean_d, k = norm.backward_terms(g, scaled, sums)
+        scale, mean_d, k = norm.backward_terms(g, scaled, head.norm_sums(g, scaled) if self.head_was_fused else None)
         if not scaled:
             g *= scale[:, None, None]
         return g, scale, mean_d, k

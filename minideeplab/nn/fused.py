@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import get_array_module
+from .functional import channel_sum
 
 
 def relu_of_affine(src, scale, shift, out=None):
@@ -69,7 +70,7 @@ class BNReLUConv1x1:
                              f"{conv.in_channels} -> {conv.out_channels}, post {post.num_features if post else None}")
         self.norm, self.conv, self.post = norm, conv, post
         self.z1 = self.mask = self.lo = self.hi = self.scale = self.shift = self.folded = self.w_scaled = None
-        self.dout_z = None   # sum_n dout_n · [z; 1]_n^T (F, C + 1) of the last backward: gives norm_grad_sums for free
+        self.dout_z = None   # sum_n dout_n · [z; 1]_n^T (F, C + 1) of the last backward: gives norm_sums for free
 
     def forward(self, x, stats=None):
         """``stats``: as in ``BatchNorm2d.forward`` (batch statistics of ``x`` computed by the caller).
@@ -94,7 +95,8 @@ class BNReLUConv1x1:
         return (w1 @ self.z1.reshape(N, C + 1, H * W)).reshape(N, -1, H, W)
 
     def backward(self, dout):
-        return self.norm.backward(self.grad_at_norm_output(dout))
+        g = self.grad_at_norm_output(dout)
+        return self.norm.backward(g, self.norm_sums(g))
 
     def grad_at_norm_output(self, dout, scaled: bool = False):
         """dL/d(norm's output): everything backward does before the batch norm's own backward. ``scaled``: times
@@ -124,18 +126,22 @@ class BNReLUConv1x1:
         dbn *= self.mask if self.mask is not None else self.passed()
         return dbn
 
-    def norm_grad_sums(self, sum_g):
-        """``sum(g · src)`` per channel for g = dL/d(norm output) of the last backward, given ``sum_g = sum(g)``,
-        without a pass over g: the weight gradient's GEMM has it already (``src``: what forward clipped into z).
+    def norm_sums(self, g, scaled: bool = False):
+        """``(sum(g), sum(g · centered))`` per channel: the two sums the batch norm's backward needs, for g =
+        dL/d(norm output) of the last backward (given times the norm's scale s if ``scaled``). The second costs no
+        pass over g: the weight gradient's GEMM has it already (``centered``: x minus the batch mean in training,
+        minus the running mean in eval).
 
         With h = W^T · dout, g = h where the ReLU passed (z = src there) and 0 where it blocked (z = v there, one
         value per channel: lo, hi, or 0 for a constant channel), so sum(g·src) = sum(h·z) - v·(sum(h) - sum(g)), and
         sum_p h·z = sum_f W[f, c] · (dout · z^T)[f, c], sum_p h = W^T · (dout summed over pixels): columns of
-        ``dout_z``. Shapes: sum_g: (C,) -> (C,).
+        ``dout_z``. src is what forward clipped into z: centered in training, x in eval.
+        Shapes: g: (N, C, H, W) -> (C,), (C,).
         """
-        if self.dout_z is None or self.folded:
-            raise RuntimeError("BNReLUConv1x1.norm_grad_sums needs a backward of an unfolded head first")
-        xp = get_array_module(sum_g)
+        if self.dout_z is None:
+            raise RuntimeError("BNReLUConv1x1.norm_sums needs a backward first")
+        xp = get_array_module(g)
+        sum_g = channel_sum(g) / self.scale if scaled else channel_sum(g)
         C = self.dout_z.shape[1] - 1
         w = self.conv.weight.data.reshape(-1, C)
         sum_hz = (w * self.dout_z[:, :C]).sum(axis=0)
@@ -145,7 +151,10 @@ class BNReLUConv1x1:
         else:
             finite = xp.isfinite
             blocked = xp.where(finite(self.lo), self.lo, xp.where(finite(self.hi), self.hi, 0))
-        return sum_hz - blocked * (sum_h - sum_g)
+        sum_gc = sum_hz - blocked * (sum_h - sum_g)
+        if not self.norm.batch_stats:        # eval: src = x, centered = x - running mean
+            sum_gc = sum_gc - self.norm.running_mean * sum_g
+        return sum_g, sum_gc
 
     def _weight_with_shift(self):
         """[W·diag(s) | W·b]: (F, C + 1)."""

@@ -106,8 +106,9 @@ class BatchNorm2d(Module):
     def _beta(self):
         return self.bias.data if self.affine else get_array_module(self.running_mean).zeros_like(self.running_mean)
 
-    def backward(self, dout):
-        scale, mean_d, k = self.backward_terms(dout)
+    def backward(self, dout, sums=None):
+        """``sums``: as in ``backward_terms`` (the two per-channel sums, when the caller has them)."""
+        scale, mean_d, k = self.backward_terms(dout, sums=sums)
         if k is None:
             # eval: statistics are constants, so dL/dx = dout * gamma / sqrt(var + eps)
             return dout * scale[:, None, None]
@@ -127,7 +128,7 @@ class BatchNorm2d(Module):
         ``centered`` terms, whose ``centered`` all its layers share, once per channel (``DenseBlock.backward``).
         ``scaled=True``: the caller passes ``scale * dout`` instead of ``dout`` (no zero in ``scale``): what it adds.
         ``sums``: ``(sum(dout), sum(dout * centered))`` per channel (of the unscaled dout), when the caller has them
-        (a fused head gets the second from its weight gradient's GEMM, ``BNReLUConv1x1.norm_grad_sums``).
+        (a fused head gets the second from its weight gradient's GEMM, ``BNReLUConv1x1.norm_sums``).
         """
         self._need(self.inv_std)
         centered, inv_std = self.centered, self.inv_std
