@@ -131,15 +131,15 @@ class BatchNorm2d(Module):
         (a fused head gets the second from its weight gradient's GEMM, ``BNReLUConv1x1.norm_sums``).
         """
         self._need(self.inv_std)
-        centered, inv_std = self.centered, self.inv_std
-        if centered is None:                               # eval forward kept x
-            centered = self.x - self.running_mean[:, None, None]
+        inv_std = self.inv_std
         n = dout.shape[0] * dout.shape[2] * dout.shape[3]
         scale = self.weight.data * inv_std if self.affine else inv_std
         # sum dout * xhat, with xhat = centered * inv_std (dout was given times scale if scaled)
         if sums is not None:
             sum_d, sum_dxhat = sums[0], sums[1] * inv_std
         else:
+            # an eval forward kept x instead of the centred input: rebuilt here, only when the sums need it
+            centered = self.centered if self.centered is not None else self.x - self.running_mean[:, None, None]
             sum_d, sum_dxhat = channel_sum(dout), channel_sum(dout, centered) * inv_std
             if scaled:
                 sum_d, sum_dxhat = sum_d / scale, sum_dxhat / scale
