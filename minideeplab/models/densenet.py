@@ -58,8 +58,11 @@ class _FusedHead(_Named):
         return x
 
     def backward(self, dout):
-        g = self._grad_at_norm_output(dout)
-        return next(self.children()).backward(g, self.fused_head.norm_sums(g) if self.head_was_fused else None)
+        dout = self._backward_after_head(dout)
+        if self.head_was_fused:
+            return self.fused_head.backward(dout)
+        norm, relu, conv = list(self.children())[:3]
+        return norm.backward(relu.backward(conv.backward(dout)))
 
     def backward_terms(self, dout):
         """``(sg, scale, mean_d, k)``: dL/dx = sg - scale * (mean_d + k * centered), centered = x - batch mean,
@@ -76,13 +79,18 @@ class _FusedHead(_Named):
 
     def _grad_at_norm_output(self, dout, scaled=False):
         """dL/d(first batch norm's output), times its scale if ``scaled`` (fused head only)."""
-        self._need(self.head_was_fused)
-        _, relu, conv = list(self.children())[:3]
-        for m in reversed(self._after_head()):    # chain rule, last child first
-            dout = m.backward(dout)
+        dout = self._backward_after_head(dout)
         if self.head_was_fused:
             return self.fused_head.grad_at_norm_output(dout, scaled)
+        _, relu, conv = list(self.children())[:3]
         return relu.backward(conv.backward(dout))
+
+    def _backward_after_head(self, dout):
+        """dL/d(head's output): back through the children after the head, last child first (chain rule)."""
+        self._need(self.head_was_fused)
+        for m in reversed(self._after_head()):
+            dout = m.backward(dout)
+        return dout
 
     def _after_head(self):
         """The children after norm → relu → conv, less norm2 when the last forward folded it into the head."""
