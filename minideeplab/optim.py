@@ -1,7 +1,18 @@
 """Optimizers (SGD, Adam, AdamW) with PyTorch's update rules, and learning-rate schedules.
 
-Optimizers update ``param.data`` in place (references held elsewhere stay valid) from ``param.grad``; their
-state (momentum buffers, ``exp_avg``, ``exp_avg_sq``) lives on the parameters' device and dtype.
+Optimizers update ``param.data`` in place from ``param.grad``; their state (momentum buffers, ``exp_avg``,
+``exp_avg_sq``) lives on the parameters' device and dtype.
+
+Flat buffers: when an optimizer is built it moves the parameters of each device and dtype into one flat array,
+their gradients into another, and keeps its state in flat arrays of the same layout; every ``param.data`` and
+``param.grad`` is then a view of its slice (so references to ``param.data`` taken before that no longer follow
+it). A step is then a handful of whole-buffer operations instead of a handful per parameter: on a GPU, where each
+is a kernel launch, 4 instead of 1528 for SGD with momentum on DeepLabV3-DenseNet121's 382 parameters and 14
+instead of 5348 for AdamW (``benchmarks/count_ops.py``; ``torch.optim``'s ``foreach`` implementations group
+tensors for the same reason). On the CPU the same operations run chunk by chunk (``CPU_CHUNK`` elements, 256 KiB
+of float32), each chunk while it is in cache: 23 -> 18 ms (SGD) and 78 -> 53 ms (AdamW) for those 14.9 M
+parameters on this 2-core machine. Should a parameter's arrays be replaced later (``model.to(...)``,
+``param.grad = ...``), the next step moves them in again, state included.
 ``state_dict()`` is a flat ``dict[str, numpy.ndarray]`` (host copies, no objects: it goes into an ``.npz``
 with ``allow_pickle=False``) and ``load_state_dict`` restores it exactly, so a resumed run continues
 bit-identically. As in PyTorch, loading also restores the hyper-parameters (lr, momentum, betas, ...).
@@ -13,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import get_array_module, to_numpy
+from .backend import device_of, get_array_module, is_cuda_array, to_device, to_numpy
 
 # the schedules live in lr_scheduler.py (file size) and are part of this module's public API
 from .lr_scheduler import (
@@ -43,22 +54,50 @@ class Optimizer:
                 raise TypeError(f"{type(self).__name__}: parameter {i} is a {type(p).__name__}, expected a "
                                 "Parameter (pass model.parameters())")
         _check_range(type(self).__name__, "lr", lr, 0.0)
+        if len({id(p) for p in self.params}) != len(self.params):
+            raise ValueError(f"{type(self).__name__}: a parameter appears more than once in the list")
         self.lr = float(lr)
         self.steps = 0
         self.state = [dict.fromkeys(self.state_names) for _ in self.params]
+        self._groups = self._pack()
 
     def zero_grad(self) -> None:
         for p in self.params:
             p.zero_grad()
 
     def step(self) -> None:
+        """One update of every parameter from its ``grad``: ``_update`` on each chunk of each flat group."""
+        self.steps += 1
+        for group in self._flat_groups():
+            fresh = self.state_names and self.state[group.idx[0]][self.state_names[0]] is None
+            state = {name: self._flat_state(group, name) for name in self.state_names}
+            for chunk in group.chunks():
+                self._update(group.data[chunk], group.grad[chunk], {k: v[chunk] for k, v in state.items()}, fresh)
+
+    def _update(self, p, g, state: dict, fresh: bool) -> None:
+        """The update rule on flat arrays (a chunk of a group): ``p`` in place from ``g``; ``state[name]`` is
+        updated in place too (zeros if ``fresh``: the optimizer's first step)."""
         raise NotImplementedError
 
-    def _buffer(self, i: int, name: str):
-        """The state array ``name`` of parameter i, created as zeros on the parameter's device on first use."""
-        if self.state[i][name] is None:
-            self.state[i][name] = get_array_module(self.params[i].data).zeros_like(self.params[i].data)
-        return self.state[i][name]
+    def _pack(self) -> list:
+        """Move the parameters (and the state) into flat buffers, one ``_FlatGroup`` per device and dtype."""
+        by_kind = {}
+        for i, p in enumerate(self.params):
+            by_kind.setdefault((device_of(p.data), p.data.dtype), []).append(i)
+        return [_FlatGroup(self.params, idx, self.state, self.state_names) for idx in by_kind.values()]
+
+    def _flat_groups(self) -> list:
+        """The flat groups for a step, moved in again if any parameter's data or grad array was replaced."""
+        if not all(g.is_current(self.params) for g in self._groups):
+            self._groups = self._pack()
+        return self._groups
+
+    def _flat_state(self, group, name: str):
+        """The flat state ``name`` of ``group``; parameters that had none see their slice as ``state[i][name]``."""
+        for k, i in enumerate(group.idx):
+            if self.state[i][name] is None:
+                self.state[i][name] = group.view(group.state[name], k)
+        return group.state[name]
 
     def state_dict(self) -> dict:
         """Flat ``{name: np.ndarray}``: type, lr, steps, hyper-parameters and ``state.<i>.<name>`` arrays."""
@@ -84,6 +123,11 @@ class Optimizer:
         unexpected = sorted(set(state) - allowed)
         if unexpected:
             raise ValueError(f"{cls}.load_state_dict: unexpected keys {unexpected[:5]}")
+        for name in self.state_names:      # a step updates all parameters: their state exists for all or none
+            have = sum(f"state.{i}.{name}" in state for i in range(n))
+            if 0 < have < n:
+                raise ValueError(f"{cls}.load_state_dict: the state has {name} for {have} of {n} parameters "
+                                 "(expected all or none)")
         new_state = []
         for i, p in enumerate(self.params):
             st = dict.fromkeys(self.state_names)
@@ -97,6 +141,7 @@ class Optimizer:
                     st[name] = get_array_module(p.data).array(arr, dtype=p.data.dtype, copy=True)
             new_state.append(st)
         self.state = new_state
+        self._groups = self._pack()     # copies the loaded state into the flat buffers
         self.lr = float(np.asarray(state["lr"]))
         self.steps = int(np.asarray(state["steps"]))
         for name in self.hparam_names:
@@ -106,6 +151,56 @@ class Optimizer:
     def __repr__(self) -> str:
         hp = ", ".join(f"{k}={getattr(self, k)}" for k in self.hparam_names)
         return f"{type(self).__name__}(lr={self.lr}, {hp}, params={len(self.params)})"
+
+
+CPU_CHUNK = 1 << 16   # elements per chunk of a CPU step (256 KiB of float32; benchmarks/README.md)
+ALIGN_BYTES = 256     # where each parameter starts in a flat buffer (CuPy's allocator aligns arrays so too)
+
+
+class _FlatGroup:
+    """The parameters ``idx`` (positions in the optimizer's list) of one device and dtype, moved into one flat
+    ``data`` and one flat ``grad`` array; ``state[name]`` holds the optimizer state ``name`` in the same layout
+    (zeros where a parameter has none yet). ``view(flat, k)`` is the k-th parameter's slice, in its shape.
+
+    Shapes: data, grad, state[name]: (sum of the parameters' sizes, each rounded up to 256 bytes,).
+    """
+
+    def __init__(self, params, idx, state, state_names):
+        first = params[idx[0]].data
+        xp, device = get_array_module(first), device_of(first)
+        self.idx, self.slices, offset = idx, [], 0
+        align = max(ALIGN_BYTES // first.itemsize, 1)
+        for i in idx:                         # each parameter starts on a 256-byte boundary, as if allocated alone
+            self.slices.append((offset, params[i].data.shape))
+            offset += -(-params[i].data.size // align) * align
+        # *_like the first parameter: same device, dtype and array type (an ndarray subclass stays one); zeros: the
+        # gaps between parameters stay 0 through every update
+        self.data, self.grad = xp.zeros_like(first, shape=offset), xp.zeros_like(first, shape=offset)
+        self.views = [(self.view(self.data, k), self.view(self.grad, k)) for k in range(len(idx))]
+        for i, (data, grad) in zip(idx, self.views):
+            params[i].move_into(data, grad)
+        self.state = {}
+        for name in state_names:
+            flat = self.state[name] = xp.zeros_like(first, shape=offset)
+            for k, i in enumerate(idx):
+                if state[i][name] is not None:   # kept (from a loaded state, or from before a device move)
+                    view = self.view(flat, k)
+                    view[...] = to_device(state[i][name], device)
+                    state[i][name] = view
+
+    def view(self, flat, k: int):
+        start, shape = self.slices[k]
+        return flat[start:start + int(np.prod(shape))].reshape(shape)
+
+    def chunks(self):
+        """Slices that cover the flat buffers: cache-sized on the CPU (a step's operations on one chunk find it in
+        cache; whole 60 MB buffers would stream from memory once per operation), the whole buffer on a GPU."""
+        n = self.data.size
+        size = n if is_cuda_array(self.data) else CPU_CHUNK
+        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+    def is_current(self, params) -> bool:
+        return all(params[i].lives_in(data, grad) for i, (data, grad) in zip(self.idx, self.views))
 
 
 def _check_range(cls: str, name: str, value, low: float, high: float | None = None, high_open=True):
@@ -146,19 +241,18 @@ class SGD(Optimizer):
         self.momentum, self.dampening = float(momentum), float(dampening)
         self.nesterov, self.weight_decay = bool(nesterov), float(weight_decay)
 
-    def step(self) -> None:
-        for i, p in enumerate(self.params):
-            g = p.grad if self.weight_decay == 0 else p.grad + self.weight_decay * p.data
-            if self.momentum != 0:
-                buf = self.state[i]["momentum_buffer"]
-                if buf is None:
-                    buf = self.state[i]["momentum_buffer"] = g.copy()
-                else:
-                    buf *= self.momentum
-                    buf += g if self.dampening == 0 else (1 - self.dampening) * g
-                g = g + self.momentum * buf if self.nesterov else buf
-            p.data -= self.lr * g
-        self.steps += 1
+    def _update(self, p, g, state, fresh):
+        if self.weight_decay != 0:
+            g = g + self.weight_decay * p
+        if self.momentum != 0:
+            buf = state["momentum_buffer"]
+            if fresh:                          # first step: buf = g
+                buf[...] = g
+            else:
+                buf *= self.momentum
+                buf += g if self.dampening == 0 else (1 - self.dampening) * g
+            g = g + self.momentum * buf if self.nesterov else buf
+        p -= self.lr * g
 
 
 class Adam(Optimizer):
@@ -192,25 +286,19 @@ class Adam(Optimizer):
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
         self.eps, self.weight_decay = float(eps), float(weight_decay)
 
-    def step(self) -> None:
-        self.steps += 1
+    def _update(self, p, g, state, fresh):
         b1, b2, t = self.beta1, self.beta2, self.steps
-        step_size = self.lr / (1 - b1 ** t)
-        bias_correction2_sqrt = (1 - b2 ** t) ** 0.5
-        xp = get_array_module(self.params[0].data)
-        for i, p in enumerate(self.params):
-            g = p.grad
-            if self.weight_decay != 0:
-                if self.decoupled:
-                    p.data *= 1 - self.lr * self.weight_decay      # AdamW: decay the weights directly
-                else:
-                    g = g + self.weight_decay * p.data             # Adam: L2 term in the gradient
-            m, v = self._buffer(i, "exp_avg"), self._buffer(i, "exp_avg_sq")
-            m += (1 - b1) * (g - m)
-            v *= b2
-            v += (1 - b2) * (g * g)
-            denom = xp.sqrt(v) / bias_correction2_sqrt + self.eps
-            p.data -= step_size * (m / denom)
+        if self.weight_decay != 0:
+            if self.decoupled:
+                p *= 1 - self.lr * self.weight_decay      # AdamW: decay the weights directly
+            else:
+                g = g + self.weight_decay * p             # Adam: L2 term in the gradient
+        m, v = state["exp_avg"], state["exp_avg_sq"]      # zeros before the first step
+        m += (1 - b1) * (g - m)
+        v *= b2
+        v += (1 - b2) * (g * g)
+        denom = get_array_module(v).sqrt(v) / (1 - b2 ** t) ** 0.5 + self.eps
+        p -= self.lr / (1 - b1 ** t) * (m / denom)
 
 
 class AdamW(Adam):

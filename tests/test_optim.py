@@ -91,8 +91,10 @@ def test_adam_first_step_and_weight_decay_styles_by_hand(xp):
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
 def test_updates_in_place_and_state_on_param_device(xp, rng, name):
     p = Parameter(xp.asarray(rng.standard_normal((4, 3)).astype(np.float32)))
-    ref = p.data
+    before = to_numpy(p.data).copy()
     opt = build_optimizer(name, [p], lr=0.01, **({"momentum": 0.9} if name == "sgd" else {}))
+    ref = p.data      # the optimizer moved the values into its flat buffer: this array from now on
+    np.testing.assert_array_equal(to_numpy(ref), before)
     p.grad[...] = 1.0
     opt.step()
     assert p.data is ref and p.data.dtype == np.float32
@@ -100,6 +102,92 @@ def test_updates_in_place_and_state_on_param_device(xp, rng, name):
         assert type(arr) is type(p.data) and arr.dtype == np.float32 and arr.shape == (4, 3)
     opt.zero_grad()
     assert float(abs(p.grad).max()) == 0.0
+
+
+def _reference_step(name, kwargs, lr, t, p, g, st):
+    """One step of torch.optim's documented update for one parameter (arrays updated in place, state in st)."""
+    wd = kwargs.get("weight_decay", 0.01 if name == "adamw" else 0.0)
+    if name == "sgd":
+        mom, damp = kwargs.get("momentum", 0.0), kwargs.get("dampening", 0.0)
+        g = g + wd * p
+        if mom:
+            st["buf"] = g.copy() if "buf" not in st else mom * st["buf"] + (1 - damp) * g
+            g = g + mom * st["buf"] if kwargs.get("nesterov") else st["buf"]
+        p -= lr * g
+        return
+    b1, b2 = kwargs.get("betas", (0.9, 0.999))
+    if name == "adamw":
+        p *= 1 - lr * wd
+    else:
+        g = g + wd * p
+    st["m"] = b1 * st.get("m", 0.0) + (1 - b1) * g
+    st["v"] = b2 * st.get("v", 0.0) + (1 - b2) * g * g
+    m_hat, v_hat = st["m"] / (1 - b1 ** t), st["v"] / (1 - b2 ** t)
+    p -= lr * m_hat / (np.sqrt(v_hat) + kwargs.get("eps", 1e-8))
+
+
+@pytest.mark.parametrize("name,kwargs", CONFIGS, ids=[f"{n}-{'-'.join(k) or 'plain'}" for n, k in CONFIGS])
+def test_flat_steps_match_the_per_parameter_rule(xp, rng, name, kwargs):
+    # float32 and float64 parameters: two flat groups; the rule applied parameter by parameter in float64
+    init = [rng.standard_normal(s) for s in SHAPES + [(7,), (2, 5)]]
+    dtypes = [np.float64, np.float32, np.float64, np.float32, np.float64]
+    params = [Parameter(xp.asarray(a.astype(d))) for a, d in zip(init, dtypes)]
+    opt = build_optimizer(name, params, lr=0.05, **kwargs)
+    ref, states = [a.copy() for a in init], [{} for _ in init]
+    for t in range(1, 6):
+        for p, g in zip(params, _grads(ref, t)):
+            p.grad[...] = xp.asarray(g.astype(p.dtype))
+        opt.step()
+        for a, g, st in zip(ref, _grads(ref, t), states):
+            _reference_step(name, kwargs, 0.05, t, a, g, st)
+    for p, a in zip(params, ref):
+        tol = 1e-12 if p.dtype == np.float64 else 2e-5
+        np.testing.assert_allclose(to_numpy(p.data), a, rtol=tol, atol=tol)
+
+
+def _address(a):
+    return a.data.ptr if hasattr(a.data, "ptr") else a.__array_interface__["data"][0]
+
+
+def test_parameters_and_grads_are_views_of_flat_buffers(xp, rng):
+    params = [Parameter(xp.asarray(rng.standard_normal(s))) for s in SHAPES]
+    params[1].grad[...] = 3.0
+    params[2].zero_grad()
+    opt = SGD(params, lr=0.1, momentum=0.5)
+    (group,) = opt._groups
+    sizes = [-(-int(np.prod(s)) * 8 // 256) * 256 // 8 for s in SHAPES]   # float64, each rounded up to 256 bytes
+    assert group.data.shape == (sum(sizes),)
+    starts = [_address(p.data) - _address(group.data) for p in params]
+    assert starts == [0, 8 * sizes[0], 8 * (sizes[0] + sizes[1])]          # every view starts 256-byte aligned
+    np.testing.assert_array_equal(to_numpy(params[1].grad), 3.0)        # values moved in, zero flag kept
+    np.testing.assert_array_equal(to_numpy(params[2].grad), 0.0)
+    group.data[...] = 7.0
+    group.grad[...] = 2.0
+    for p in params:
+        np.testing.assert_array_equal(to_numpy(p.data), 7.0)
+        np.testing.assert_array_equal(to_numpy(p.grad), 2.0)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_step_follows_replaced_arrays_and_keeps_state(xp, rng, name):
+    # replacing a parameter's arrays (what model.to(...) does) moves them in again at the next step, state kept
+    kwargs = {"momentum": 0.9, "dampening": 0.2} if name == "sgd" else {}
+    init = [rng.standard_normal(s) for s in SHAPES]
+    runs = []
+    for replace in (False, True):
+        params = [Parameter(xp.asarray(a.copy())) for a in init]
+        opt = build_optimizer(name, params, lr=0.05, **kwargs)
+        for t in range(4):
+            if replace and t == 2:
+                params[0].data = params[0].data.copy()
+                params[2].grad = xp.zeros_like(params[2].data)
+            for p, g in zip(params, _grads([to_numpy(p.data) for p in params], t)):
+                p.grad[...] = xp.asarray(g)
+            opt.step()
+        runs.append([to_numpy(p.data) for p in params])
+        assert all(p.lives_in(d, g) for p, (d, g) in zip(params, opt._groups[0].views))
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
 
 
 def _run(opt, sched, params, steps, start):
@@ -174,6 +262,10 @@ def test_load_state_dict_errors(xp):
         Adam([Parameter(xp.zeros(4))]).load_state_dict(adam.state_dict())
     with pytest.raises(ValueError, match=r"unexpected keys \['bogus'\]"):
         Adam([p]).load_state_dict({**adam.state_dict(), "bogus": np.zeros(1)})
+    two = SGD([p, Parameter(xp.zeros(3))], lr=0.1, momentum=0.9)
+    two.step()
+    with pytest.raises(ValueError, match="the state has momentum_buffer for 1 of 2 parameters"):
+        two.load_state_dict({k: v for k, v in two.state_dict().items() if k != "state.1.momentum_buffer"})
     partial = {k: v for k, v in adam.state_dict().items() if k != "steps"}
     with pytest.raises(ValueError, match=r"Adam.load_state_dict: missing keys \['steps'\]"):
         Adam([p]).load_state_dict(partial)
@@ -190,6 +282,8 @@ def test_constructor_errors():
         SGD([], lr=0.1)
     with pytest.raises(TypeError, match=r"SGD: parameter 0 is a ndarray, expected a Parameter"):
         SGD([np.zeros(2)], lr=0.1)
+    with pytest.raises(ValueError, match="SGD: a parameter appears more than once in the list"):
+        SGD([p, Parameter(np.zeros(3)), p], lr=0.1)
     with pytest.raises(ValueError, match=r"SGD: lr must be >= 0.0, got -0.1"):
         SGD([p], lr=-0.1)
     with pytest.raises(ValueError, match="Nesterov momentum needs momentum > 0"):

@@ -48,6 +48,19 @@ class Parameter:
         else:
             self._grad += g
 
+    def move_into(self, data, grad) -> None:
+        """Keep this parameter's values in ``data`` and ``grad`` from now on (arrays of its shape and dtype: views
+        of an optimizer's flat buffers); the current values are copied in."""
+        data[...] = self.data
+        if not self._grad_is_zero:
+            grad[...] = self._grad
+        self.data, self._grad = data, grad
+
+    def lives_in(self, data, grad) -> bool:
+        """Whether ``data`` and ``grad`` are still this parameter's arrays (nothing replaced them since
+        ``move_into``); writes a pending zero gradient into ``grad``."""
+        return self.data is data and self.grad is grad
+
     @property
     def shape(self):
         return self.data.shape
