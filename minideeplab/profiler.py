@@ -10,12 +10,18 @@ microseconds per call, so the profiled step is slightly slower than an unprofile
 ``gemm_reference(convs)`` times ``xp.matmul`` on the three GEMMs an im2col convolution of the same shape has to
 do (forward ``W @ cols``, weight gradient ``dout @ cols^T``, input gradient ``W^T @ dout``), without any
 im2col/col2im copies: the BLAS speed ceiling for those shapes. GEMM efficiency = that time / our conv time.
+
+``CountingArray`` counts array operations instead of time (each one a kernel launch on a GPU, where a step of
+small layers is bound by launches): ``TypeProfiler(model, clock=operations_counted)`` gives them by layer type.
 """
 from __future__ import annotations
 
 import time
+from collections import Counter
 from contextlib import contextmanager
 from functools import partial
+
+import numpy as np
 
 from .backend import get_array_module, synchronize
 from .bench import sample_times
@@ -114,6 +120,85 @@ class TypeProfiler:
         for r in rows:
             r["share"] = r["seconds"] / total if total > 0 else 0.0
         return sorted(rows, key=lambda r: -r["seconds"])
+
+
+class CountingArray(np.ndarray):
+    """A NumPy array that counts the operations made on it, in ``CountingArray.counts`` (name -> calls).
+
+    Counted: ufunc calls (arithmetic, comparisons, ``matmul``, and reductions such as ``sum``), array functions
+    (``einsum``, ``where``, ...), ``a[...] = b`` and ``copy``/``astype``: what a GPU runs as a kernel each. Not
+    counted: creation (``empty``, ``zeros``), views, reshapes. Results of counted operations are
+    ``CountingArray`` again, so a model whose parameters, buffers and input are one counts its whole step;
+    ``benchmarks/count_ops.py`` does that to estimate a training step's kernel launches on the CPU.
+    """
+
+    counts: Counter = Counter()
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        CountingArray.counts[f"{ufunc.__name__}.{method}" if method != "__call__" else ufunc.__name__] += 1
+        inputs = tuple(_plain(a) for a in inputs)
+        if "out" in kwargs:
+            kwargs["out"] = tuple(_plain(a) for a in kwargs["out"])
+        result = getattr(ufunc, method)(*inputs, **kwargs)
+        if isinstance(result, tuple):
+            return tuple(_counting(r) for r in result)
+        return _counting(result)
+
+    def __array_function__(self, func, types, args, kwargs):
+        if func.__name__ != "empty_like":               # allocation only: no kernel
+            CountingArray.counts[func.__name__] += 1
+        result = super().__array_function__(func, types, args, kwargs)
+        return tuple(_counting(r) for r in result) if isinstance(result, tuple) else _counting(result)
+
+    def __setitem__(self, key, value):
+        CountingArray.counts["setitem"] += 1
+        super().__setitem__(key, value)
+
+    def copy(self, *args, **kwargs):
+        CountingArray.counts["copy"] += 1
+        return super().copy(*args, **kwargs)
+
+    def astype(self, *args, **kwargs):
+        CountingArray.counts["astype"] += 1
+        return super().astype(*args, **kwargs)
+
+
+def _plain(a):
+    return a.view(np.ndarray) if isinstance(a, CountingArray) else a
+
+
+def _counting(a):
+    return a.view(CountingArray) if type(a) is np.ndarray else a
+
+
+@contextmanager
+def counting_creation():
+    """Within: NumPy's ``empty``, ``zeros``, ``ones``, ``full`` and ``ascontiguousarray`` return ``CountingArray``
+    (these take no array to dispatch on), so the operations on arrays a step allocates count too; ``zeros``,
+    ``ones``, ``full`` and a copying ``ascontiguousarray`` count as one operation each (a fill or copy kernel)."""
+    saved = {name: getattr(np, name) for name in ("empty", "zeros", "ones", "full", "ascontiguousarray")}
+
+    def creator(name, make):
+        def created(*args, **kwargs):
+            out = make(*args, **kwargs)
+            source = args[0] if args else kwargs.get("a")
+            copied = name == "ascontiguousarray" and not np.may_share_memory(out, np.asarray(source))
+            if name in ("zeros", "ones", "full") or copied:
+                CountingArray.counts[name] += 1
+            return _counting(out)
+        return created
+    for name, make in saved.items():
+        setattr(np, name, creator(name, make))
+    try:
+        yield
+    finally:
+        for name, make in saved.items():
+            setattr(np, name, make)
+
+
+def operations_counted() -> int:
+    """All operations counted so far by ``CountingArray`` (a clock for ``TypeProfiler``: operations by layer type)."""
+    return sum(CountingArray.counts.values())
 
 
 def conv_gemm_shapes(conv):

@@ -1,6 +1,7 @@
 """Smoke test of ``minideeplab bench`` in quick mode: the output structure, never the timings."""
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from minideeplab import bench
 from minideeplab.backend import cuda_available
 from minideeplab.models import DeepLabConfig, build_deeplab, set_fused
-from minideeplab.profiler import FUSED, TypeProfiler, gemm_reference
+from minideeplab.profiler import FUSED, CountingArray, TypeProfiler, gemm_reference, operations_counted
 
 torch_installed = importlib.util.find_spec("torch") is not None
 
@@ -82,6 +83,44 @@ def test_profiler_charges_exclusive_time_and_restores_the_model():
     ref_times = gemm_reference(convs, repeats=1)
     assert len(convs) == n_convs
     assert all(t > 0 for t in ref_times.values())
+
+
+def test_counting_array_counts_each_operation_once():
+    a = np.arange(6.0).reshape(2, 3).view(CountingArray)
+    CountingArray.counts.clear()
+    b = a + 1                                  # add
+    total = b.sum()                            # add.reduce
+    a[0] = 5.0                                 # setitem
+    cols = np.einsum("ij->j", a)               # einsum
+    d = (a @ b.T).copy()                       # matmul, copy
+    v = a.T.reshape(-1)                        # views and reshapes: no kernel, not counted
+    assert dict(CountingArray.counts) == {"add": 1, "add.reduce": 1, "setitem": 1, "einsum": 1, "matmul": 1, "copy": 1}
+    assert operations_counted() == 6
+    assert type(b) is CountingArray and type(d) is CountingArray and type(v) is CountingArray
+    np.testing.assert_array_equal(cols, [5.0 + 3.0, 5.0 + 4.0, 5.0 + 5.0])
+    assert float(total) == sum(range(1, 7))
+
+
+def _load_script(name):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_count_ops_counts_whole_buffer_optimizer_steps():
+    count_ops = _load_script("count_ops")
+    result = count_ops.count_step(output_stride=16, size=32)
+    # independent of the 382 parameters: SGD momentum 0.9 is buf *= m, buf += g, lr * buf, p -= (4 operations);
+    # AdamW adds p *= 1 - lr wd, and m, v, the denominator and the update: 1 + 3 + 4 + 3 + 3 = 14
+    assert result["params"] == 382
+    assert result["train_sgd"]["optimizer"] == 4 and result["train_adamw"]["optimizer"] == 14
+    sgd = result["train_sgd"]
+    assert sgd["forward"] > 1000 and sgd["backward"] > 1000 and result["eval_forward"] > 1000
+    assert sum(r["ops"] for r in result["by_type"]) == pytest.approx(sum(sgd.values()), abs=len(result["by_type"]))
+    assert {r["category"] for r in result["by_type"]} >= {"batch norm", "conv forward", "conv backward", "optimizer"}
+    assert "| train, AdamW |" in count_ops.markdown(result)
 
 
 def test_conv_flops_matches_hand_count():

@@ -1,0 +1,128 @@
+"""Array operations in one DeepLabV3-DenseNet121 step, by layer type: a GPU's kernel launches, counted on the CPU.
+
+    .venv/bin/python benchmarks/count_ops.py [--os 16] [--size 256] [--out benchmarks/results/op_count.md]
+
+On a GPU a step made of many small layers is bound by kernel launches, not by arithmetic (CuPy spends some
+10 µs of Python and driver time on each, whatever its size): the number of array operations is what a change for
+the GPU has to bring down. This script counts them without a GPU: the model's parameters, buffers and input
+become ``profiler.CountingArray`` (a NumPy array that counts every ufunc, reduction, matmul, array function and
+copy made on it; ``counting_creation`` makes the arrays the step allocates count too) and ``TypeProfiler`` charges the counts to layer types as it charges time in ``minideeplab
+bench``. The optimizer step is counted as on a GPU, over whole flat buffers (on the CPU it runs over
+cache-sized chunks, ``optim.CPU_CHUNK``). Batch 2x3xSIZExSIZE float32, the benchmark's training step
+(forward, BCE-with-logits, backward without the image's gradient, SGD with momentum 0.9), then AdamW's step.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from minideeplab import optim
+from minideeplab.bench import write_text
+from minideeplab.losses import BCEWithLogitsLoss
+from minideeplab.models import DeepLabConfig, build_deeplab
+from minideeplab.profiler import CountingArray, TypeProfiler, counting_creation, operations_counted
+
+
+def counting_model(config: DeepLabConfig):
+    """The model of ``config`` with every parameter, gradient and buffer a ``CountingArray``."""
+    model = build_deeplab(config, rng=np.random.default_rng(0))
+    for p in model.parameters():
+        p.data, p.grad = p.data.view(CountingArray), p.grad.view(CountingArray)
+    for m in model.modules():
+        for name, b in list(m._buffers.items()):
+            setattr(m, name, b.view(CountingArray))
+    return model
+
+
+def count_step(output_stride: int = 16, size: int = 256, batch: int = 2) -> dict:
+    """Operations of one training step (by phase and by layer type), of the eval forward, and of each optimizer."""
+    with counting_creation():
+        return _count_step(output_stride, size, batch)
+
+
+def _count_step(output_stride, size, batch):
+    model = counting_model(DeepLabConfig(output_stride=output_stride))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 3, size, size), dtype=np.float32).view(CountingArray)
+    target = (rng.random((batch, 1, size, size)) < 0.3).astype(np.float32).view(CountingArray)
+    loss_fn, saved_chunk = BCEWithLogitsLoss(), optim.CPU_CHUNK
+    optim.CPU_CHUNK = 1 << 62                       # the optimizer as on a GPU: one chunk per flat buffer
+    try:
+        sgd = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        phases = {}
+
+        def train_step(opt, profiler=None):
+            marks = [operations_counted()]
+            opt.zero_grad()
+            logits = model(x)
+            marks.append(operations_counted())
+            with profiler.region("loss") if profiler else _nothing():
+                loss_fn(logits, target)
+                dlogits = loss_fn.backward()
+            marks.append(operations_counted())
+            model.backward(dlogits, input_grad=False)
+            marks.append(operations_counted())
+            with profiler.region("optimizer") if profiler else _nothing():
+                opt.step()
+            marks.append(operations_counted())
+            return dict(zip(("forward", "loss", "backward", "optimizer"), np.diff(marks).tolist()))
+
+        model.train()
+        train_step(sgd)                             # first step: creates the state (counted from the second on)
+        profiler = TypeProfiler(model, clock=operations_counted).attach()
+        phases = train_step(sgd, profiler)
+        by_type = profiler.report(sum(phases.values()))
+        profiler.detach()
+        adamw = optim.AdamW(model.parameters(), lr=1e-3)
+        train_step(adamw)
+        adamw_phases = train_step(adamw)
+        model.eval()
+        start = operations_counted()
+        model(x)
+        eval_ops = operations_counted() - start
+    finally:
+        optim.CPU_CHUNK = saved_chunk
+    return {"output_stride": output_stride, "size": size, "batch": batch, "train_sgd": phases,
+            "train_adamw": adamw_phases, "eval_forward": eval_ops, "params": len(sgd.params),
+            "by_type": [{"category": r["category"], "ops": int(round(r["seconds"])), "share": r["share"]}
+                        for r in by_type]}
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def markdown(result: dict) -> str:
+    sgd, adamw = result["train_sgd"], result["train_adamw"]
+    lines = [f"### Array operations per step (≈ GPU kernel launches), DeepLabV3-DenseNet121 OS {result['output_stride']}, "
+             f"batch {result['batch']}x3x{result['size']}x{result['size']}", "",
+             "| step | forward | loss | backward | optimizer | total |", "|---|---|---|---|---|---|"]
+    for name, ph in (("train, SGD momentum", sgd), ("train, AdamW", adamw)):
+        lines.append(f"| {name} | {ph['forward']} | {ph['loss']} | {ph['backward']} | {ph['optimizer']} | "
+                     f"{sum(ph.values())} |")
+    lines.append(f"| eval forward | {result['eval_forward']} | | | | {result['eval_forward']} |")
+    lines += ["", "Training step (SGD) by layer type:", "", "| part | operations | share |", "|---|---|---|"]
+    lines += [f"| {r['category']} | {r['ops']} | {100 * r['share']:.1f} % |" for r in result["by_type"] if r["ops"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--os", type=int, default=16, choices=(8, 16, 32), help="output stride")
+    ap.add_argument("--size", type=int, default=256, help="image size (the benchmark's is 256)")
+    ap.add_argument("--out", default=None, help="also write the Markdown table here")
+    args = ap.parse_args(argv)
+    text = markdown(count_step(args.os, args.size))
+    print(text, end="")
+    if args.out:
+        write_text(args.out, text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
