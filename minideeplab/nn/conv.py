@@ -208,8 +208,11 @@ class Conv2d(Module):
             D = D.reshape(N, len(taps) * F, H * W)
             # dL/dW_tap = D_tap · x^T ;  dL/dx = W_taps^T · D (the correlation with the flipped kernel)
             G = xp.matmul(D, x.reshape(N, C, H * W).transpose(0, 2, 1)).sum(axis=0).reshape(len(taps), F, C)
-            for t, (i, j, _, _) in enumerate(taps):
-                self.weight.grad[:, :, i, j] += G[t]
+            if len(taps) == kh * kw:             # every tap, in (i, j) order: one strided add for all of them
+                self.weight.accumulate(G.reshape(kh, kw, F, C).transpose(2, 3, 0, 1))
+            else:
+                for t, (i, j, _, _) in enumerate(taps):
+                    self.weight.grad[:, :, i, j] += G[t]
             if not self.input_grad:
                 return None
             return (w_taps.reshape(-1, C).T @ D).reshape(N, C, H, W)
