@@ -181,7 +181,7 @@ class _FlatGroup:
             params[i].move_into(data, grad)
         self.state = {}
         for name in state_names:
-            flat = self.state[name] = xp.zeros_like(first, shape=offset)
+            flat = self.state[name] = _untouched_zeros(first, offset)
             for k, i in enumerate(idx):
                 if state[i][name] is not None:   # kept (from a loaded state, or from before a device move)
                     view = self.view(flat, k)
@@ -201,6 +201,14 @@ class _FlatGroup:
 
     def is_current(self, params) -> bool:
         return all(params[i].lives_in(data, grad) for i, (data, grad) in zip(self.idx, self.views))
+
+
+def _untouched_zeros(like, n: int):
+    """n zeros of ``like``'s dtype, device and array type. ``zeros``, not ``zeros_like``: NumPy then takes memory
+    that the OS zeroes when first written, so state that no step writes (an optimizer in an eval-only run) costs
+    no resident memory."""
+    out = get_array_module(like).zeros(n, dtype=like.dtype)
+    return out.view(type(like)) if type(like) is not type(out) and isinstance(like, type(out)) else out
 
 
 def _check_range(cls: str, name: str, value, low: float, high: float | None = None, high_open=True):
