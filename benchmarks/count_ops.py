@@ -1,6 +1,6 @@
 """Array operations in one DeepLabV3-DenseNet121 step, by layer type: a GPU's kernel launches, counted on the CPU.
 
-    .venv/bin/python benchmarks/count_ops.py [--os 16] [--size 256] [--out benchmarks/results/op_count.md]
+    .venv/bin/python benchmarks/count_ops.py [--os 16] [--size 256] [--conv-algorithm im2col] [--out FILE.md]
 
 On a GPU a step made of many small layers is bound by kernel launches, not by arithmetic (CuPy spends some
 10 µs of Python and driver time on each, whatever its size): the number of array operations is what a change for
@@ -18,15 +18,16 @@ import argparse
 import numpy as np
 
 from minideeplab import optim
-from minideeplab.bench import write_text
+from minideeplab.bench import force_conv_algorithm, write_text
 from minideeplab.losses import BCEWithLogitsLoss
 from minideeplab.models import DeepLabConfig, build_deeplab
 from minideeplab.profiler import CountingArray, TypeProfiler, counting_creation, operations_counted
 
 
-def counting_model(config: DeepLabConfig):
+def counting_model(config: DeepLabConfig, conv_algorithm: str = "auto"):
     """The model of ``config`` with every parameter, gradient and buffer a ``CountingArray``."""
     model = build_deeplab(config, rng=np.random.default_rng(0))
+    force_conv_algorithm(model, conv_algorithm)
     for p in model.parameters():
         p.data, p.grad = p.data.view(CountingArray), p.grad.view(CountingArray)
     for m in model.modules():
@@ -35,14 +36,15 @@ def counting_model(config: DeepLabConfig):
     return model
 
 
-def count_step(output_stride: int = 16, size: int = 256, batch: int = 2) -> dict:
-    """Operations of one training step (by phase and by layer type), of the eval forward, and of each optimizer."""
+def count_step(output_stride: int = 16, size: int = 256, batch: int = 2, conv_algorithm: str = "auto") -> dict:
+    """Operations of one training step (by phase and by layer type), of the eval forward, and of each optimizer;
+    ``conv_algorithm``: as ``minideeplab bench --conv-algorithm``."""
     with counting_creation():
-        return _count_step(output_stride, size, batch)
+        return _count_step(output_stride, size, batch, conv_algorithm)
 
 
-def _count_step(output_stride, size, batch):
-    model = counting_model(DeepLabConfig(output_stride=output_stride))
+def _count_step(output_stride, size, batch, conv_algorithm):
+    model = counting_model(DeepLabConfig(output_stride=output_stride), conv_algorithm)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 3, size, size), dtype=np.float32).view(CountingArray)
     target = (rng.random((batch, 1, size, size)) < 0.3).astype(np.float32).view(CountingArray)
@@ -83,7 +85,8 @@ def _count_step(output_stride, size, batch):
         eval_ops = operations_counted() - start
     finally:
         optim.CPU_CHUNK = saved_chunk
-    return {"output_stride": output_stride, "size": size, "batch": batch, "train_sgd": phases,
+    return {"output_stride": output_stride, "size": size, "batch": batch, "conv_algorithm": conv_algorithm,
+            "train_sgd": phases,
             "train_adamw": adamw_phases, "eval_forward": eval_ops, "params": len(sgd.params),
             "by_type": [{"category": r["category"], "ops": int(round(r["seconds"])), "share": r["share"]}
                         for r in by_type]}
@@ -99,8 +102,9 @@ class _nothing:
 
 def markdown(result: dict) -> str:
     sgd, adamw = result["train_sgd"], result["train_adamw"]
+    forced = "" if result["conv_algorithm"] == "auto" else f", stride-1 k x k convs forced to {result['conv_algorithm']!r}"
     lines = [f"### Array operations per step (≈ GPU kernel launches), DeepLabV3-DenseNet121 OS {result['output_stride']}, "
-             f"batch {result['batch']}x3x{result['size']}x{result['size']}", "",
+             f"batch {result['batch']}x3x{result['size']}x{result['size']}{forced}", "",
              "| step | forward | loss | backward | optimizer | total |", "|---|---|---|---|---|---|"]
     for name, ph in (("train, SGD momentum", sgd), ("train, AdamW", adamw)):
         lines.append(f"| {name} | {ph['forward']} | {ph['loss']} | {ph['backward']} | {ph['optimizer']} | "
@@ -115,9 +119,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--os", type=int, default=16, choices=(8, 16, 32), help="output stride")
     ap.add_argument("--size", type=int, default=256, help="image size (the benchmark's is 256)")
+    ap.add_argument("--conv-algorithm", choices=("auto", "kn2row", "taps", "im2col"), default="auto",
+                    help="force this path on the stride-1 k x k convs (as minideeplab bench --conv-algorithm)")
     ap.add_argument("--out", default=None, help="also write the Markdown table here")
     args = ap.parse_args(argv)
-    text = markdown(count_step(args.os, args.size))
+    text = markdown(count_step(args.os, args.size, conv_algorithm=args.conv_algorithm))
     print(text, end="")
     if args.out:
         write_text(args.out, text)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU check for a lent device machine (CuPy + CUDA PyTorch preinstalled, no network):
 #   the test suite on CuPy (every test parametrised by the xp/device fixture, CuPy half only),
-#   the model benchmark against PyTorch CUDA, and the time per step of the demo's training on CuPy.
+#   the model benchmark against PyTorch CUDA at OS 16 (the issue's row; as is and with the 3x3 convs through
+#   im2col), and the time per step of the demo's training on CuPy. Default timeouts sum to 570 s (one call).
 # Usage (repo root): OUT=/some/dir bash benchmarks/gpu_check.sh     (results land in $OUT)
 set -u
 OUT=${OUT:-/tmp/minideeplab-gpu}
@@ -15,8 +16,14 @@ timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -k "cupy
     --ignore=tests/test_notebooks.py > "$OUT/pytest_cupy.txt" 2>&1
 echo "pytest exit $? in $(( $(date +%s) - start )) s" >> "$OUT/pytest_cupy.txt"
 start=$(date +%s)
-timeout "${BENCH_TIMEOUT:-200}" python3 -m minideeplab.bench --device cuda --out "$OUT" > "$OUT/bench_cuda.txt" 2>&1
+timeout "${BENCH_TIMEOUT:-150}" python3 -m minideeplab.bench --device cuda --os 16 --out "$OUT" > "$OUT/bench_cuda.txt" 2>&1
 echo "bench exit $? in $(( $(date +%s) - start )) s" >> "$OUT/bench_cuda.txt"
+start=$(date +%s)
+# the same row with the stride-1 3x3 convs forced through im2col: fewer, larger array operations (count_ops.py:
+# 9525 against 11304 per training step), which may suit a launch-bound GPU better than kn2row; ours only
+timeout "${IM2COL_TIMEOUT:-90}" python3 -m minideeplab.bench --device cuda --os 16 --no-torch --no-profile \
+    --conv-algorithm im2col --out "$OUT/im2col" > "$OUT/bench_cuda_im2col.txt" 2>&1
+echo "bench im2col exit $? in $(( $(date +%s) - start )) s" >> "$OUT/bench_cuda_im2col.txt"
 start=$(date +%s)
 # the demo's configuration (DenseNet121, OS 16, 8 images of 128 px, AdamW), 40 steps, timed per step
 timeout "${TRAIN_TIMEOUT:-90}" python3 -m minideeplab.cli train --device cuda --model densenet121 --output-stride 16 \

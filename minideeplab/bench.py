@@ -123,6 +123,17 @@ def peak_rss_mib() -> float:
 
 
 # ---- one phase, run inside its own subprocess ------------------------------------------------------------
+def force_conv_algorithm(model, algorithm: str) -> int:
+    """Set ``algorithm`` on every stride-1 conv of ``model`` with a kernel larger than 1x1 (the dense layers' 3x3,
+    ASPP's atrous 3x3, the head's 3x3; "auto" restores the layers' own choice). Returns how many were set.
+    For comparing the paths on another machine, e.g. im2col, with fewer but larger array operations, on a GPU."""
+    from .nn import Conv2d
+    convs = [m for m in model.modules() if isinstance(m, Conv2d) and m.kernel_size != (1, 1) and m.stride == (1, 1)]
+    for conv in convs:
+        conv.algorithm = algorithm
+    return len(convs)
+
+
 def run_phase(spec: dict) -> dict:
     """Build the model and data of ``spec``, time ``spec['mode']`` ("eval", "train" or "profile")."""
     from .backend import synchronize, to_device
@@ -139,6 +150,7 @@ def run_phase(spec: dict) -> dict:
     target = (rng.random((N, config.num_classes, S, S)) < 0.3).astype(np.float32)
     if spec["framework"] == "torch":
         return _run_torch_phase(spec, model, x, target)
+    force_conv_algorithm(model, spec.get("conv_algorithm", "auto"))
     if cuda:
         model.to("cuda")
         x, target = to_device(x, "cuda"), to_device(target, "cuda")
@@ -306,6 +318,8 @@ def markdown(report: dict) -> str:
     rounds = a.get("rounds", 1)
     runs = f"median of {a['repeats']}" + (f" x {rounds} alternating rounds (ratio: median of the rounds' ratios)"
                                           if rounds > 1 else "")
+    forced = a.get("conv_algorithm", "auto")
+    runs += "" if forced == "auto" else f"; our stride-1 k x k convs forced to {forced!r}"
     lines = [(f"### DeepLabV3-DenseNet121, batch {a['batch']}x3x{a['size']}x{a['size']} float32, {a['device']}, "
               f"{where}, {runs}"), "",
              ("| OS | phase | ours (s) | PyTorch (s) | ratio | best-of ratio | ours CPU (s) | PyTorch CPU (s) "
@@ -350,6 +364,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch phases")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-layer-type profile")
     ap.add_argument("--profile-os", type=int, choices=(8, 16, 32), default=16)
+    ap.add_argument("--conv-algorithm", choices=("auto", "kn2row", "taps", "im2col"), default="auto",
+                    help="force this path on our stride-1 k x k convs (default: each layer's own choice)")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for the JSON and .md")
     ap.add_argument("--phase-timeout", type=float, default=600, help="seconds before a phase is abandoned")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
@@ -370,7 +386,7 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
     base = {"device": args.device, "batch": args.batch, "size": size, "repeats": repeats, "warmup": args.warmup,
-            "threads": args.threads}
+            "threads": args.threads, "conv_algorithm": args.conv_algorithm}
     report = {"args": dict(base, quick=args.quick, rounds=args.rounds), "machine": machine_info(), "rows": []}
     print(f"minideeplab bench: {args.device}, batch {args.batch}x3x{size}x{size}, {args.threads} threads, "
           f"median of {repeats}" + ("" if with_torch else " (torch not installed: ours only)"), flush=True)

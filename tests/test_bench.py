@@ -49,6 +49,22 @@ def test_quick_bench_on_cuda(tmp_path):
     assert rc == 0, report["rows"]          # a CPU-only torch build is reported as skipped, not as an error
 
 
+def test_forced_conv_algorithm_keeps_the_output_and_is_reported(tmp_path):
+    model = build_deeplab(DeepLabConfig.small(), rng=np.random.default_rng(0)).eval()
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32), dtype=np.float32)
+    ref = model(x)
+    n = bench.force_conv_algorithm(model, "im2col")
+    convs = [m for m in model.modules() if type(m).__name__ == "Conv2d"]
+    assert n == sum(m.kernel_size != (1, 1) and m.stride == (1, 1) for m in convs) > 0
+    out = model(x)
+    assert {m.path for m in convs if m.algorithm == "im2col"} == {"im2col"}
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    rc = bench.main(["--quick", "--repeats", "1", "--warmup", "0", "--threads", "1", "--no-torch", "--no-profile",
+                     "--conv-algorithm", "im2col", "--out", str(tmp_path)])
+    assert rc == 0
+    assert "convs forced to 'im2col'" in (tmp_path / "bench_cpu_quick.md").read_text()
+
+
 def test_bench_rejects_unknown_output_stride(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--os", "4"])
