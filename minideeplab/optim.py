@@ -6,7 +6,7 @@ Optimizers update ``param.data`` in place from ``param.grad``; their state (mome
 Flat buffers: when an optimizer is built it moves the parameters of each device and dtype into one flat array,
 their gradients into another, and keeps its state in flat arrays of the same layout; every ``param.data`` and
 ``param.grad`` is then a view of its slice (so references to ``param.data`` taken before that no longer follow
-it). A step is then a handful of whole-buffer operations instead of a handful per parameter: on a GPU, where each
+it). A step is a handful of whole-buffer operations instead of a handful per parameter: on a GPU, where each
 is a kernel launch, 4 instead of 1528 for SGD with momentum on DeepLabV3-DenseNet121's 382 parameters and 14
 instead of 5348 for AdamW (``benchmarks/count_ops.py``; ``torch.optim``'s ``foreach`` implementations group
 tensors for the same reason). On the CPU the same operations run chunk by chunk (``CPU_CHUNK`` elements, 256 KiB
