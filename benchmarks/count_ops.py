@@ -6,8 +6,8 @@ On a GPU a step made of many small layers is bound by kernel launches, not by ar
 10 µs of Python and driver time on each, whatever its size): the number of array operations is what a change for
 the GPU has to bring down. This script counts them without a GPU: the model's parameters, buffers and input
 become ``profiler.CountingArray`` (a NumPy array that counts every ufunc, reduction, matmul, array function and
-copy made on it; ``counting_creation`` makes the arrays the step allocates count too) and ``TypeProfiler`` charges the counts to layer types as it charges time in ``minideeplab
-bench``. The optimizer step is counted as on a GPU, over whole flat buffers (on the CPU it runs over
+copy made on it; ``counting_creation`` makes the arrays the step allocates count too) and ``TypeProfiler``
+charges the counts to layer types as it charges time in ``minideeplab bench``. The optimizer step is counted as on a GPU, over whole flat buffers (on the CPU it runs over
 cache-sized chunks, ``optim.CPU_CHUNK``). Batch 2x3xSIZExSIZE float32, the benchmark's training step
 (forward, BCE-with-logits, backward without the image's gradient, SGD with momentum 0.9), then AdamW's step.
 """
@@ -28,12 +28,7 @@ def counting_model(config: DeepLabConfig, conv_algorithm: str = "auto"):
     """The model of ``config`` with every parameter, gradient and buffer a ``CountingArray``."""
     model = build_deeplab(config, rng=np.random.default_rng(0))
     force_conv_algorithm(model, conv_algorithm)
-    for p in model.parameters():
-        p.data, p.grad = p.data.view(CountingArray), p.grad.view(CountingArray)
-    for m in model.modules():
-        for name, b in list(m._buffers.items()):
-            setattr(m, name, b.view(CountingArray))
-    return model
+    return model._apply(lambda a: a.view(CountingArray))   # what .to(device) does, with a view instead of a copy
 
 
 def count_step(output_stride: int = 16, size: int = 256, batch: int = 2, conv_algorithm: str = "auto") -> dict:
@@ -52,33 +47,33 @@ def _count_step(output_stride, size, batch, conv_algorithm):
     optim.CPU_CHUNK = 1 << 62                       # the optimizer as on a GPU: one chunk per flat buffer
     try:
         sgd = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        phases = {}
+        profiler = TypeProfiler(model, clock=operations_counted).attach()   # counts by layer type
 
-        def train_step(opt, profiler=None):
+        def train_step(opt):
             marks = [operations_counted()]
             opt.zero_grad()
             logits = model(x)
             marks.append(operations_counted())
-            with profiler.region("loss") if profiler else _nothing():
+            with profiler.region("loss"):
                 loss_fn(logits, target)
                 dlogits = loss_fn.backward()
             marks.append(operations_counted())
             model.backward(dlogits, input_grad=False)
             marks.append(operations_counted())
-            with profiler.region("optimizer") if profiler else _nothing():
+            with profiler.region("optimizer"):
                 opt.step()
             marks.append(operations_counted())
             return dict(zip(("forward", "loss", "backward", "optimizer"), np.diff(marks).tolist()))
 
         model.train()
         train_step(sgd)                             # first step: creates the state (counted from the second on)
-        profiler = TypeProfiler(model, clock=operations_counted).attach()
-        phases = train_step(sgd, profiler)
+        profiler.reset()
+        phases = train_step(sgd)
         by_type = profiler.report(sum(phases.values()))
-        profiler.detach()
         adamw = optim.AdamW(model.parameters(), lr=1e-3)
         train_step(adamw)
         adamw_phases = train_step(adamw)
+        profiler.detach()
         model.eval()
         start = operations_counted()
         model(x)
@@ -86,18 +81,9 @@ def _count_step(output_stride, size, batch, conv_algorithm):
     finally:
         optim.CPU_CHUNK = saved_chunk
     return {"output_stride": output_stride, "size": size, "batch": batch, "conv_algorithm": conv_algorithm,
-            "train_sgd": phases,
-            "train_adamw": adamw_phases, "eval_forward": eval_ops, "params": len(sgd.params),
+            "train_sgd": phases, "train_adamw": adamw_phases, "eval_forward": eval_ops, "params": len(sgd.params),
             "by_type": [{"category": r["category"], "ops": int(round(r["seconds"])), "share": r["share"]}
                         for r in by_type]}
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def markdown(result: dict) -> str:
