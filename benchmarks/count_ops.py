@@ -10,6 +10,8 @@ copy made on it; ``counting_creation`` makes the arrays the step allocates count
 charges the counts to layer types as it charges time in ``minideeplab bench``. The optimizer step is counted as on a GPU, over whole flat buffers (on the CPU it runs over
 cache-sized chunks, ``optim.CPU_CHUNK``). Batch 2x3xSIZExSIZE float32, the benchmark's training step
 (forward, BCE-with-logits, backward without the image's gradient, SGD with momentum 0.9), then AdamW's step.
+"Host syncs" counts the reads of an array value on the host (``bool``, ``float``, ``item``): on a GPU each waits
+for the queued kernels, and a step captured as a CUDA graph may have none.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ def _count_step(output_stride, size, batch, conv_algorithm):
         profiler = TypeProfiler(model, clock=operations_counted).attach()   # counts by layer type
 
         def train_step(opt):
+            CountingArray.syncs.clear()
             marks = [operations_counted()]
             opt.zero_grad()
             logits = model(x)
@@ -63,25 +66,28 @@ def _count_step(output_stride, size, batch, conv_algorithm):
             with profiler.region("optimizer"):
                 opt.step()
             marks.append(operations_counted())
-            return dict(zip(("forward", "loss", "backward", "optimizer"), np.diff(marks).tolist()))
+            counts = dict(zip(("forward", "loss", "backward", "optimizer"), np.diff(marks).tolist()))
+            return counts, sum(CountingArray.syncs.values())
 
         model.train()
         train_step(sgd)                             # first step: creates the state (counted from the second on)
         profiler.reset()
-        phases = train_step(sgd)
+        phases, syncs = train_step(sgd)
         by_type = profiler.report(sum(phases.values()))
         adamw = optim.AdamW(model.parameters(), lr=1e-3)
         train_step(adamw)
-        adamw_phases = train_step(adamw)
+        adamw_phases, adamw_syncs = train_step(adamw)
         profiler.detach()
         model.eval()
         start = operations_counted()
+        CountingArray.syncs.clear()
         model(x)
-        eval_ops = operations_counted() - start
+        eval_ops, eval_syncs = operations_counted() - start, sum(CountingArray.syncs.values())
     finally:
         optim.CPU_CHUNK = saved_chunk
     return {"output_stride": output_stride, "size": size, "batch": batch, "conv_algorithm": conv_algorithm,
             "train_sgd": phases, "train_adamw": adamw_phases, "eval_forward": eval_ops, "params": len(sgd.params),
+            "syncs": {"train_sgd": syncs, "train_adamw": adamw_syncs, "eval_forward": eval_syncs},
             "by_type": [{"category": r["category"], "ops": int(round(r["seconds"])), "share": r["share"]}
                         for r in by_type]}
 
@@ -91,11 +97,13 @@ def markdown(result: dict) -> str:
     forced = "" if result["conv_algorithm"] == "auto" else f", stride-1 k x k convs forced to {result['conv_algorithm']!r}"
     lines = [f"### Array operations per step (≈ GPU kernel launches), DeepLabV3-DenseNet121 OS {result['output_stride']}, "
              f"batch {result['batch']}x3x{result['size']}x{result['size']}{forced}", "",
-             "| step | forward | loss | backward | optimizer | total |", "|---|---|---|---|---|---|"]
-    for name, ph in (("train, SGD momentum", sgd), ("train, AdamW", adamw)):
+             "| step | forward | loss | backward | optimizer | total | host syncs |", "|---|---|---|---|---|---|---|"]
+    syncs = result["syncs"]
+    for name, key, ph in (("train, SGD momentum", "train_sgd", sgd), ("train, AdamW", "train_adamw", adamw)):
         lines.append(f"| {name} | {ph['forward']} | {ph['loss']} | {ph['backward']} | {ph['optimizer']} | "
-                     f"{sum(ph.values())} |")
-    lines.append(f"| eval forward | {result['eval_forward']} | | | | {result['eval_forward']} |")
+                     f"{sum(ph.values())} | {syncs[key]} |")
+    lines.append(f"| eval forward | {result['eval_forward']} | | | | {result['eval_forward']} | "
+                 f"{syncs['eval_forward']} |")
     lines += ["", "Training step (SGD) by layer type:", "", "| part | operations | share |", "|---|---|---|"]
     lines += [f"| {r['category']} | {r['ops']} | {100 * r['share']:.1f} % |" for r in result["by_type"] if r["ops"]]
     return "\n".join(lines) + "\n"

@@ -20,7 +20,7 @@ timeout "${BENCH_TIMEOUT:-150}" python3 -m minideeplab.bench --device cuda --os 
 echo "bench exit $? in $(( $(date +%s) - start )) s" >> "$OUT/bench_cuda.txt"
 start=$(date +%s)
 # the same row with the stride-1 3x3 convs forced through im2col: fewer, larger array operations (count_ops.py:
-# 9525 against 11304 per training step), which may suit a launch-bound GPU better than kn2row; ours only
+# 9526 against 11305 per training step), which may suit a launch-bound GPU better than kn2row; ours only
 timeout "${IM2COL_TIMEOUT:-90}" python3 -m minideeplab.bench --device cuda --os 16 --no-torch --no-profile \
     --conv-algorithm im2col --out "$OUT/im2col" > "$OUT/bench_cuda_im2col.txt" 2>&1
 echo "bench im2col exit $? in $(( $(date +%s) - start )) s" >> "$OUT/bench_cuda_im2col.txt"

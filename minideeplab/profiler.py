@@ -127,12 +127,30 @@ class CountingArray(np.ndarray):
 
     Counted: ufunc calls (arithmetic, comparisons, ``matmul``, and reductions such as ``sum``), array functions
     (``einsum``, ``where``, ...), ``a[...] = b`` and ``copy``/``astype``: what a GPU runs as a kernel each. Not
-    counted: creation (``empty``, ``zeros``), views, reshapes. Results of counted operations are
+    counted: creation (``empty``, ``zeros``), views, reshapes. Host reads of a value (``bool(a)``, ``float(a)``,
+    ``a.item()``), each a synchronisation on a GPU, go to ``CountingArray.syncs``. Results of counted operations are
     ``CountingArray`` again, so a model whose parameters, buffers and input are one counts its whole step;
     ``benchmarks/count_ops.py`` does that to estimate a training step's kernel launches on the CPU.
     """
 
     counts: Counter = Counter()
+    syncs: Counter = Counter()   # reads of a value on the host (bool, float, int, item): a GPU waits for its queue
+
+    def __bool__(self):
+        CountingArray.syncs["bool"] += 1
+        return super().__bool__()
+
+    def __float__(self):
+        CountingArray.syncs["float"] += 1
+        return super().__float__()
+
+    def __int__(self):
+        CountingArray.syncs["int"] += 1
+        return super().__int__()
+
+    def item(self, *args):
+        CountingArray.syncs["item"] += 1
+        return super().item(*args)
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         CountingArray.counts[f"{ufunc.__name__}.{method}" if method != "__call__" else ufunc.__name__] += 1
@@ -168,6 +186,9 @@ def _plain(a):
 
 
 def _counting(a):
+    """A counting view of an ndarray result; a NumPy scalar becomes a 0-d one (CuPy returns 0-d arrays too)."""
+    if isinstance(a, np.generic):
+        return np.asarray(a).view(CountingArray)
     return a.view(CountingArray) if type(a) is np.ndarray else a
 
 

@@ -114,7 +114,10 @@ def test_counting_array_counts_each_operation_once():
     assert operations_counted() == 6
     assert type(b) is CountingArray and type(d) is CountingArray and type(v) is CountingArray
     np.testing.assert_array_equal(cols, [5.0 + 3.0, 5.0 + 4.0, 5.0 + 5.0])
-    assert float(total) == sum(range(1, 7))
+    CountingArray.syncs.clear()
+    assert float(total) == sum(range(1, 7))                       # a host read: one sync each
+    assert bool((a > 0).all()) and (a.max() > 4).item()
+    assert dict(CountingArray.syncs) == {"float": 1, "bool": 1, "item": 1}
 
 
 def _load_script(name):
@@ -137,6 +140,9 @@ def test_count_ops_counts_whole_buffer_optimizer_steps():
     assert sum(r["ops"] for r in result["by_type"]) == pytest.approx(sum(sgd.values()), abs=len(result["by_type"]))
     assert {r["category"] for r in result["by_type"]} >= {"batch norm", "conv forward", "conv backward", "optimizer"}
     assert "| train, AdamW |" in count_ops.markdown(result)
+    # host syncs: each fused BN-ReLU-1x1 head checks its scales twice in forward (relu_of_affine), and each dense
+    # layer once more in backward (DenseBlock's scaled backward_terms); densenet121: 58 dense layers, 3 transitions
+    assert result["syncs"] == {"eval_forward": 2 * 61, "train_sgd": 2 * 61 + 58, "train_adamw": 2 * 61 + 58}
 
 
 def test_conv_flops_matches_hand_count():
