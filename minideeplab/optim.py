@@ -69,10 +69,15 @@ class Optimizer:
         """One update of every parameter from its ``grad``: ``_update`` on each chunk of each flat group."""
         self.steps += 1
         for group in self._flat_groups():
-            fresh = self.state_names and self.state[group.idx[0]][self.state_names[0]] is None
-            state = {name: self._flat_state(group, name) for name in self.state_names}
+            # a parameter's state exists for all parameters or none (load_state_dict checks it, a step sets all)
+            fresh = bool(self.state_names) and self.state[group.idx[0]][self.state_names[0]] is None
+            if fresh:                    # from now on every state[i][name] is the parameter's slice of the flat one
+                for name in self.state_names:
+                    for k, i in enumerate(group.idx):
+                        self.state[i][name] = group.view(group.state[name], k)
             for chunk in group.chunks():
-                self._update(group.data[chunk], group.grad[chunk], {k: v[chunk] for k, v in state.items()}, fresh)
+                self._update(group.data[chunk], group.grad[chunk],
+                             {name: flat[chunk] for name, flat in group.state.items()}, fresh)
 
     def _update(self, p, g, state: dict, fresh: bool) -> None:
         """The update rule on flat arrays (a chunk of a group): ``p`` in place from ``g``; ``state[name]`` is
@@ -91,13 +96,6 @@ class Optimizer:
         if not all(g.is_current(self.params) for g in self._groups):
             self._groups = self._pack()
         return self._groups
-
-    def _flat_state(self, group, name: str):
-        """The flat state ``name`` of ``group``; parameters that had none see their slice as ``state[i][name]``."""
-        for k, i in enumerate(group.idx):
-            if self.state[i][name] is None:
-                self.state[i][name] = group.view(group.state[name], k)
-        return group.state[name]
 
     def state_dict(self) -> dict:
         """Flat ``{name: np.ndarray}``: type, lr, steps, hyper-parameters and ``state.<i>.<name>`` arrays."""
