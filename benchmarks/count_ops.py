@@ -11,7 +11,9 @@ charges the counts to layer types as it charges time in ``minideeplab bench``. T
 cache-sized chunks, ``optim.CPU_CHUNK``). Batch 2x3xSIZExSIZE float32, the benchmark's training step
 (forward, BCE-with-logits, backward without the image's gradient, SGD with momentum 0.9), then AdamW's step.
 "Host syncs" counts the reads of an array value on the host (``bool``, ``float``, ``item``): on a GPU each waits
-for the queued kernels, and a step captured as a CUDA graph may have none.
+for the queued kernels, and a step captured as a CUDA graph may have none. The step is counted twice: as it runs
+eagerly, and as it runs while ``backend.cuda_graph`` captures it (``CountingArray.capturing``: no host reads, so the
+fused heads take their general path).
 """
 from __future__ import annotations
 
@@ -33,11 +35,16 @@ def counting_model(config: DeepLabConfig, conv_algorithm: str = "auto"):
     return model._apply(lambda a: a.view(CountingArray))   # what .to(device) does, with a view instead of a copy
 
 
-def count_step(output_stride: int = 16, size: int = 256, batch: int = 2, conv_algorithm: str = "auto") -> dict:
+def count_step(output_stride: int = 16, size: int = 256, batch: int = 2, conv_algorithm: str = "auto",
+               capturing: bool = False) -> dict:
     """Operations of one training step (by phase and by layer type), of the eval forward, and of each optimizer;
-    ``conv_algorithm``: as ``minideeplab bench --conv-algorithm``."""
-    with counting_creation():
-        return _count_step(output_stride, size, batch, conv_algorithm)
+    ``conv_algorithm``: as ``minideeplab bench --conv-algorithm``; ``capturing``: as captured in a CUDA graph."""
+    saved, CountingArray.capturing = CountingArray.capturing, capturing
+    try:
+        with counting_creation():
+            return _count_step(output_stride, size, batch, conv_algorithm)
+    finally:
+        CountingArray.capturing = saved
 
 
 def _count_step(output_stride, size, batch, conv_algorithm):
@@ -92,7 +99,8 @@ def _count_step(output_stride, size, batch, conv_algorithm):
                         for r in by_type]}
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict, captured: dict | None = None) -> str:
+    """The table of ``count_step``'s result, with the rows of a ``capturing=True`` count if ``captured`` is given."""
     sgd, adamw = result["train_sgd"], result["train_adamw"]
     forced = "" if result["conv_algorithm"] == "auto" else f", stride-1 k x k convs forced to {result['conv_algorithm']!r}"
     lines = [f"### Array operations per step (≈ GPU kernel launches), DeepLabV3-DenseNet121 OS {result['output_stride']}, "
@@ -104,6 +112,12 @@ def markdown(result: dict) -> str:
                      f"{sum(ph.values())} | {syncs[key]} |")
     lines.append(f"| eval forward | {result['eval_forward']} | | | | {result['eval_forward']} | "
                  f"{syncs['eval_forward']} |")
+    if captured is not None:
+        ph = captured["train_sgd"]
+        lines.append(f"| train, SGD momentum, captured (CUDA graph) | {ph['forward']} | {ph['loss']} | {ph['backward']} | "
+                     f"{ph['optimizer']} | {sum(ph.values())} | {captured['syncs']['train_sgd']} |")
+        lines.append(f"| eval forward, captured (CUDA graph) | {captured['eval_forward']} | | | | "
+                     f"{captured['eval_forward']} | {captured['syncs']['eval_forward']} |")
     lines += ["", "Training step (SGD) by layer type:", "", "| part | operations | share |", "|---|---|---|"]
     lines += [f"| {r['category']} | {r['ops']} | {100 * r['share']:.1f} % |" for r in result["by_type"] if r["ops"]]
     return "\n".join(lines) + "\n"
@@ -117,7 +131,8 @@ def main(argv=None) -> int:
                     help="force this path on the stride-1 k x k convs (as minideeplab bench --conv-algorithm)")
     ap.add_argument("--out", default=None, help="also write the Markdown table here")
     args = ap.parse_args(argv)
-    text = markdown(count_step(args.os, args.size, conv_algorithm=args.conv_algorithm))
+    counts = [count_step(args.os, args.size, conv_algorithm=args.conv_algorithm, capturing=c) for c in (False, True)]
+    text = markdown(*counts)
     print(text, end="")
     if args.out:
         write_text(args.out, text)

@@ -68,10 +68,75 @@ def to_device(x, device: str):
     return _cupy.asarray(x)
 
 
+def can_read(x) -> bool:
+    """Whether code may read a value of ``x`` on the host: to take a faster path for some values, or to check input.
+
+    NumPy: always (free). CuPy: unless the current stream is being captured as a CUDA graph (``cuda_graph``), which
+    cannot contain a read; outside a capture a read waits for the queued kernels, which costs less than the dozen
+    extra small kernels of a general path when a step is bound by launches. Arrays that stand for device arrays on
+    the CPU (``profiler.CountingArray``) answer ``not x.capturing``, so that both paths can be counted and tested.
+    """
+    if is_cuda_array(x):
+        if getattr(_cupy.cuda.runtime, "is_hip", False):
+            return True                              # no graph capture on HIP
+        try:
+            return not _cupy.cuda.get_current_stream().is_capturing()
+        except Exception:                            # a query the driver refuses: play safe, read nothing
+            return False
+    return not getattr(x, "capturing", False)
+
+
 def synchronize(x=None) -> None:
-    """Wait for queued GPU work (for honest timings); a no-op on the CPU."""
+    """Wait for queued GPU work on every stream (for honest timings); a no-op on the CPU."""
     if _cupy is not None and (x is None or is_cuda_array(x)):
         try:
-            _cupy.cuda.get_current_stream().synchronize()
+            _cupy.cuda.Device().synchronize()
         except Exception:
             pass
+
+
+def cuda_graph(step, prepare=None, warmup: int = 2):
+    """Capture the GPU work of ``step()`` as a CUDA graph; returns ``replay()``, which runs that work again in one launch.
+
+    A training step of DenseNet's many small layers issues ~10^4 kernels, and launching them one by one from Python
+    costs more than running them (benchmarks/README.md); a graph launches them all at once. Captured is what the
+    GPU did, not the Python code: a replay reads and writes the very arrays the captured step used, with every
+    Python value (learning rate, shapes, branches taken) frozen as it was. So the step must keep its state in
+    arrays it updates in place (parameters, gradients, optimizer and batch-norm state all are), read no array
+    value on the host (code asks ``can_read``: the fused heads take their general path, the losses skip their
+    0/1 check of the target, so check new targets before copying them in), copy nothing from the host (new data
+    goes into the step's input arrays before a replay), and use the same shapes every time. ``prepare()`` runs before each of the ``warmup`` steps,
+    the captured one and every replay, on the graph's stream: the place to copy in what must change between
+    replays (``Dropout.draw_ahead``). The step's temporaries come from a memory pool of its own that nothing else
+    uses, so the addresses baked into the graph stay the graph's. Needs a GPU (CuPy); the step should have run
+    once already (compiled kernels, cached shapes).
+    """
+    if not cuda_available():
+        raise ValueError("cuda_graph: needs CuPy and a visible GPU (CUDA graphs capture GPU work only)")
+    prepare = prepare or (lambda: None)
+    synchronize()                                   # what the default stream queued is done before the graph's stream
+    stream, pool = _cupy.cuda.Stream(non_blocking=True), _cupy.cuda.MemoryPool()
+    with stream, _cupy.cuda.using_allocator(pool.malloc):
+        for _ in range(warmup):                     # the pool grows to what a step needs, kernels are compiled
+            prepare()
+            step()
+        prepare()
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            step()
+        except BaseException:
+            try:
+                stream.end_capture()
+            except Exception:                       # the capture was invalidated: report the step's own error
+                pass
+            raise
+        graph = stream.end_capture()
+
+    def replay():
+        with stream:
+            prepare()
+            graph.launch(stream)
+
+    replay.graph, replay.stream, replay.pool = graph, stream, pool    # alive as long as replay is
+    return replay

@@ -174,6 +174,8 @@ def run_phase(spec: dict) -> dict:
     def eval_step():
         model(x)
     step = _select_step(spec["mode"], model, eval_step, train_step)
+    if spec.get("cuda_graph") and spec["mode"] != "profile":
+        step = _graphed(step, model)
     if spec["mode"] == "profile":
         from .models import set_fused
         from .profiler import TypeProfiler, conv_gemm_shapes, gemm_reference
@@ -205,6 +207,21 @@ def run_phase(spec: dict) -> dict:
         result["gemm"] = groups
         return result
     return _measure(step, spec, sync)     # the threads are limited by _child, around the whole phase
+
+
+def _graphed(step, model):
+    """``step`` captured as a CUDA graph (``backend.cuda_graph``): one launch per step instead of ~10^4. The step
+    runs once eagerly first (kernels compiled, shapes cached, the dropout masks' shape known); the dropout masks
+    are drawn ahead before every replay, as the eager step draws them (``Dropout.draw_ahead``)."""
+    from .backend import cuda_graph
+    from .nn import Dropout
+    step()
+    dropouts = [m for m in model.modules() if isinstance(m, Dropout) and m.training and m.p > 0]
+
+    def draw_masks():
+        for m in dropouts:
+            m.draw_ahead()
+    return cuda_graph(step, prepare=draw_masks)
 
 
 def _select_step(mode: str, model, eval_step, train_step):
@@ -320,6 +337,7 @@ def markdown(report: dict) -> str:
                                           if rounds > 1 else "")
     forced = a.get("conv_algorithm", "auto")
     runs += "" if forced == "auto" else f"; our stride-1 k x k convs forced to {forced!r}"
+    runs += "; our steps replay a CUDA graph (PyTorch's run eagerly)" if a.get("cuda_graph") else ""
     lines = [(f"### DeepLabV3-DenseNet121, batch {a['batch']}x3x{a['size']}x{a['size']} float32, {a['device']}, "
               f"{where}, {runs}"), "",
              ("| OS | phase | ours (s) | PyTorch (s) | ratio | best-of ratio | ours CPU (s) | PyTorch CPU (s) "
@@ -366,6 +384,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-os", type=int, choices=(8, 16, 32), default=16)
     ap.add_argument("--conv-algorithm", choices=("auto", "kn2row", "taps", "im2col"), default="auto",
                     help="force this path on our stride-1 k x k convs (default: each layer's own choice)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="with --device cuda: our steps replay a captured CUDA graph (the profile stays eager)")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for the JSON and .md")
     ap.add_argument("--phase-timeout", type=float, default=600, help="seconds before a phase is abandoned")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
@@ -379,6 +399,10 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not cuda_available():
         print("minideeplab bench: error: --device cuda needs CuPy and a visible GPU", file=sys.stderr)
         return 1
+    if args.cuda_graph and args.device != "cuda":
+        print("minideeplab bench: error: --cuda-graph needs --device cuda (a CUDA graph captures GPU work)",
+              file=sys.stderr)
+        return 1
     oss = args.output_strides or ([16] if args.quick else [32, 16, 8])
     size = args.size or (64 if args.quick else 256)
     repeats = args.repeats or (2 if args.quick else 5)
@@ -386,7 +410,7 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
     base = {"device": args.device, "batch": args.batch, "size": size, "repeats": repeats, "warmup": args.warmup,
-            "threads": args.threads, "conv_algorithm": args.conv_algorithm}
+            "threads": args.threads, "conv_algorithm": args.conv_algorithm, "cuda_graph": args.cuda_graph}
     report = {"args": dict(base, quick=args.quick, rounds=args.rounds), "machine": machine_info(), "rows": []}
     print(f"minideeplab bench: {args.device}, batch {args.batch}x3x{size}x{size}, {args.threads} threads, "
           f"median of {repeats}" + ("" if with_torch else " (torch not installed: ours only)"), flush=True)

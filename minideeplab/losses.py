@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import can_read, get_array_module
 from .nn.module import Module, ModuleList
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -33,19 +33,22 @@ def _softplus(x):
 
 
 def _check_pair(name: str, logits, target):
-    """Validate (logits, target) and return the target as a logits-dtype array on the logits' backend."""
+    """Validate (logits, target) and return the target as a logits-dtype array on the logits' backend.
+
+    The check that the target holds only 0 and 1 reads on the host: skipped where that is not allowed
+    (``backend.can_read``: a step being captured as a CUDA graph)."""
     if not hasattr(logits, "dtype") or logits.dtype.kind != "f":
         raise TypeError(f"{name}: expected floating-point logits (float32 or float64), "
                         f"got {getattr(logits, 'dtype', type(logits).__name__)}")
     xp = get_array_module(logits)
-    t = xp.asarray(target)
+    t = xp.asanyarray(target)
     if tuple(t.shape) != tuple(logits.shape):
         raise ValueError(f"{name}: target must have the logits' shape {tuple(logits.shape)}, "
                          f"got {tuple(t.shape)}")
     if t.dtype.kind not in "biuf":
         raise TypeError(f"{name}: target must be a numeric or boolean {{0, 1}} mask, got dtype {t.dtype}")
-    bad = (t != 0) & (t != 1)
-    if bool(xp.any(bad)):
+    bad = (t != 0) & (t != 1) if can_read(t) else None
+    if bad is not None and bool(xp.any(bad)):
         example = t[bad].ravel()[0].item()
         raise ValueError(f"{name}: target must be a binary mask with values in {{0, 1}}, "
                          f"got {int(xp.count_nonzero(bad))} other value(s), e.g. {example!r}")

@@ -130,11 +130,13 @@ class CountingArray(np.ndarray):
     counted: creation (``empty``, ``zeros``), views, reshapes. Host reads of a value (``bool(a)``, ``float(a)``,
     ``a.item()``), each a synchronisation on a GPU, go to ``CountingArray.syncs``. Results of counted operations are
     ``CountingArray`` again, so a model whose parameters, buffers and input are one counts its whole step;
-    ``benchmarks/count_ops.py`` does that to estimate a training step's kernel launches on the CPU.
+    ``benchmarks/count_ops.py`` does that to estimate a training step's kernel launches on the CPU. With
+    ``CountingArray.capturing = True`` code takes the path of a step captured as a CUDA graph (``backend.can_read``).
     """
 
     counts: Counter = Counter()
     syncs: Counter = Counter()   # reads of a value on the host (bool, float, int, item): a GPU waits for its queue
+    capturing = False            # True: backend.can_read says no, code takes a CUDA graph capture's path
 
     def __bool__(self):
         CountingArray.syncs["bool"] += 1

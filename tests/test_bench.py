@@ -141,8 +141,24 @@ def test_count_ops_counts_whole_buffer_optimizer_steps():
     assert {r["category"] for r in result["by_type"]} >= {"batch norm", "conv forward", "conv backward", "optimizer"}
     assert "| train, AdamW |" in count_ops.markdown(result)
     # host syncs: each fused BN-ReLU-1x1 head checks its scales twice in forward (relu_of_affine), and each dense
-    # layer once more in backward (DenseBlock's scaled backward_terms); densenet121: 58 dense layers, 3 transitions
-    assert result["syncs"] == {"eval_forward": 2 * 61, "train_sgd": 2 * 61 + 58, "train_adamw": 2 * 61 + 58}
+    # layer once more in backward (DenseBlock's scaled backward_terms); densenet121: 58 dense layers, 3 transitions;
+    # the loss checks that the target is 0/1 once
+    train = 2 * 61 + 58 + 1
+    assert result["syncs"] == {"eval_forward": 2 * 61, "train_sgd": train, "train_adamw": train}
+
+
+def test_count_ops_as_captured_in_a_cuda_graph_reads_nothing_on_the_host():
+    """While a step is captured (``CountingArray.capturing``), no code reads an array value: the fused heads take
+    their general path (a few more small operations each), the loss skips its target check; the optimizer and the
+    rest run as they do eagerly."""
+    count_ops = _load_script("count_ops")
+    eager = count_ops.count_step(output_stride=16, size=32)
+    captured = count_ops.count_step(output_stride=16, size=32, capturing=True)
+    assert captured["syncs"] == {"eval_forward": 0, "train_sgd": 0, "train_adamw": 0}
+    assert captured["train_sgd"]["optimizer"] == 4 and captured["train_adamw"]["optimizer"] == 14
+    assert captured["eval_forward"] > eager["eval_forward"]
+    assert sum(captured["train_sgd"].values()) > sum(eager["train_sgd"].values())
+    assert "captured (CUDA graph)" in count_ops.markdown(eager, captured)
 
 
 def test_conv_flops_matches_hand_count():
@@ -167,3 +183,9 @@ def test_bench_rejects_zero_rounds(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--rounds", "0"])
     assert "--rounds must be at least 1" in capsys.readouterr().err
+
+
+def test_bench_cuda_graph_needs_the_cuda_device(capsys):
+    assert bench.main(["--quick", "--cuda-graph", "--no-torch"]) == 1
+    assert "--cuda-graph needs --device cuda" in capsys.readouterr().err
+

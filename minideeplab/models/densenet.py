@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import can_read, get_array_module
 from ..nn import AvgPool2d, BatchNorm2d, Conv2d, Identity, MaxPool2d, Module, ReLU, Sequential
 from ..nn.functional import check_input
 from ..nn.fused import BNReLUConv1x1
@@ -70,7 +70,8 @@ class _FusedHead(_Named):
         For ``DenseBlock.backward``, which applies them. The fused head gets sg from its GEMM for free, and
         sum(g · centered), which the batch norm needs, from its weight gradient's GEMM (``norm_sums``)."""
         norm, head = next(self.children()), self.fused_head
-        scaled = self.head_was_fused and bool((head.scale != 0).all())
+        # the scaled variant divides by the scales: only when none is 0, which takes a host read
+        scaled = self.head_was_fused and can_read(head.scale) and bool((head.scale != 0).all())
         g = self._grad_at_norm_output(dout, scaled)
         scale, mean_d, k = norm.backward_terms(g, scaled, head.norm_sums(g, scaled) if self.head_was_fused else None)
         if not scaled:

@@ -83,7 +83,10 @@ class Sigmoid(Module):
 class Dropout(Module):
     """Inverted dropout: in training zero each value with probability p and scale survivors by 1/(1-p).
 
-    Identity in eval mode. Shapes: any -> same.
+    Identity in eval mode. Masks are drawn on the host by a NumPy ``Generator``, so a CPU and a GPU run draw the
+    same ones. ``draw_ahead()`` draws the next forward's mask beforehand into an array that stays put: a step
+    captured as a CUDA graph (``backend.cuda_graph``) reads it from there, and copying in a new mask before each
+    replay is all it takes (the graph itself cannot copy from the host). Shapes: any -> same.
 
     Args:
         p: drop probability in [0, 1).
@@ -97,16 +100,38 @@ class Dropout(Module):
         self.p = float(p)
         self.rng = rng if rng is not None else np.random.default_rng()
         self.scale_mask = None  # (x survives) / (1 - p), or None in eval
+        self.ahead = None       # the next forward's mask, drawn by draw_ahead (always the same array)
+        self.ahead_ready = False
 
     def forward(self, x):
         _check_float("Dropout", x)
         if not self.training or self.p == 0:
             self.scale_mask = 1.0
             return x
-        xp = get_array_module(x)
-        keep = self.rng.random(x.shape) >= self.p          # drawn on the host: the Generator is NumPy's
-        self.scale_mask = xp.asarray(keep.astype(x.dtype) / (1 - self.p))
+        if self.ahead_ready:
+            if self.ahead.shape != x.shape or get_array_module(self.ahead) is not get_array_module(x):
+                raise ValueError(f"Dropout: the mask drawn ahead has shape {tuple(self.ahead.shape)} on "
+                                 f"{type(self.ahead).__module__}, the input {tuple(x.shape)} on {type(x).__module__}")
+            self.scale_mask, self.ahead_ready = self.ahead, False
+        else:
+            self.scale_mask = get_array_module(x).asarray(self._draw(x.shape, x.dtype))
         return x * self.scale_mask
+
+    def draw_ahead(self) -> None:
+        """Draw the mask of the next training forward now, in the shape, dtype and device of the last one, into
+        ``self.ahead`` (allocated once, then overwritten in place)."""
+        last = self.scale_mask if hasattr(self.scale_mask, "shape") else self.ahead
+        if last is None:
+            raise RuntimeError("Dropout.draw_ahead: needs a training forward first (for the mask's shape and device)")
+        xp = get_array_module(last)
+        if self.ahead is None or self.ahead.shape != last.shape or get_array_module(self.ahead) is not xp:
+            self.ahead = xp.empty_like(last)
+        self.ahead[...] = xp.asarray(self._draw(last.shape, last.dtype))
+        self.ahead_ready = True
+
+    def _draw(self, shape, dtype):
+        keep = self.rng.random(shape) >= self.p          # drawn on the host: the Generator is NumPy's
+        return keep.astype(dtype) / (1 - self.p)
 
     def backward(self, dout):
         self._need(self.scale_mask)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import can_read, get_array_module
 from .functional import channel_sum
 
 
@@ -33,7 +33,8 @@ def relu_of_affine(src, scale, shift, out=None):
     """``(z, lo, hi, shift)`` with ``relu(src * scale + shift) == z * scale + shift`` per channel, z = clip(src, lo, hi).
 
     One pass: ``max(src, lo)`` when every scale is positive (``hi`` is then None: no upper bound), else ``clip``.
-    A constant channel (scale 0, or a bound that overflows) is ``relu(shift)``: its shift becomes ``relu(shift)``
+    Telling the two apart reads the scales on the host; where that is not allowed (``backend.can_read``: a step
+    being captured as a CUDA graph) it always takes ``clip``, with a dozen more small operations. A constant channel (scale 0, or a bound that overflows) is ``relu(shift)``: its shift becomes ``relu(shift)``
     and it passes everything (z = src) where ``shift > 0``, nothing (z = 0) elsewhere. ReLU's mask is
     ``lo < z < hi``.
 
@@ -43,9 +44,9 @@ def relu_of_affine(src, scale, shift, out=None):
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         bound = -shift / scale
     constant = ~xp.isfinite(bound)
-    if not bool(constant.any()) and bool((scale > 0).all()):      # the usual case: a few small ops less
+    if can_read(scale) and not constant.any() and (scale > 0).all():    # the usual case: a few small ops less
         return xp.maximum(src, bound[:, None, None], out=out), bound, None, shift
-    inf = xp.asarray(np.inf, dtype=src.dtype)
+    inf = xp.full_like(shift, np.inf)                  # made on the device (a host scalar would be a copy)
     lo = xp.where(constant, xp.where(shift > 0, -inf, 0), xp.where(scale > 0, bound, -inf))
     hi = xp.where(constant, xp.where(shift > 0, inf, 0), xp.where(scale < 0, bound, inf))
     shift = xp.where(constant, xp.maximum(shift, 0), shift)
