@@ -2,10 +2,11 @@
 # One-shot GPU check for a lent device machine (CuPy + CUDA PyTorch preinstalled, no network), most important first:
 #   1. the model benchmark at OS 16 (the row) with our steps replayed as a captured CUDA graph, against
 #      PyTorch CUDA (eager), no profile;
-#   2. the same row with our steps run eagerly, with the per-layer-type profile;
-#   3. the test suite on CuPy (every test parametrised by the xp/device fixture, CuPy half only; tests/test_graph.py
+#   2. the same, ours only, with every k x k conv on the "gather" path (one gather + one GEMM per conv: 7768
+#      array operations per eager training step against 10622, benchmarks/count_ops.py);
+#   3. the same row with our steps run eagerly (default paths), against PyTorch, with the per-layer-type profile;
+#   4. the test suite on CuPy (every test parametrised by the xp/device fixture, CuPy half only; tests/test_graph.py
 #      checks that graph replays train exactly as eager steps do, and shows the traceback if a capture fails);
-#   4. our graphed steps with the stride-1 3x3 convs forced through im2col (fewer, larger operations), ours only;
 #   5. the time per step of the demo's training on CuPy (eager).
 # Default timeouts sum to 590 s (one call). Results land in $OUT, each file written as its part ends.
 # Usage (repo root): OUT=/some/dir bash benchmarks/gpu_check.sh
@@ -25,12 +26,11 @@ run() {   # run NAME TIMEOUT command...: output to $OUT/NAME.txt, then its exit 
 }
 run bench_cuda_graph "${GRAPH_TIMEOUT:-120}" python3 -m minideeplab.bench --device cuda --os 16 --cuda-graph \
     --no-profile --out "$OUT/graph"
+run bench_cuda_graph_gather "${GATHER_TIMEOUT:-60}" python3 -m minideeplab.bench --device cuda --os 16 --cuda-graph \
+    --no-torch --no-profile --conv-algorithm gather --out "$OUT/graph_gather"
 run bench_cuda "${BENCH_TIMEOUT:-150}" python3 -m minideeplab.bench --device cuda --os 16 --out "$OUT"
 run pytest_cupy "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -k "cupy or cuda" tests \
     --ignore=tests/test_notebooks.py
-# count_ops.py: 9526 operations per eager training step with im2col against 11305 with kn2row
-run bench_cuda_graph_im2col "${IM2COL_TIMEOUT:-60}" python3 -m minideeplab.bench --device cuda --os 16 --cuda-graph \
-    --no-torch --no-profile --conv-algorithm im2col --out "$OUT/graph_im2col"
 # the demo's configuration (DenseNet121, OS 16, 8 images of 128 px, AdamW), 40 steps, timed per step
 run train_cuda "${TRAIN_TIMEOUT:-60}" python3 -m minideeplab.cli train --device cuda --model densenet121 \
     --output-stride 16 --image-size 128 --batch-size 8 --optimizer adamw --lr 2e-3 --epochs 1 --train-size 320 \

@@ -124,11 +124,13 @@ def peak_rss_mib() -> float:
 
 # ---- one phase, run inside its own subprocess ------------------------------------------------------------
 def force_conv_algorithm(model, algorithm: str) -> int:
-    """Set ``algorithm`` on every stride-1 conv of ``model`` with a kernel larger than 1x1 (the dense layers' 3x3,
-    ASPP's atrous 3x3, the head's 3x3; "auto" restores the layers' own choice). Returns how many were set.
-    For comparing the paths on another machine, e.g. im2col, with fewer but larger array operations, on a GPU."""
+    """Set ``algorithm`` on every conv of ``model`` with a kernel larger than 1x1 that it applies to: the stride-1
+    ones (the dense layers' 3x3, ASPP's atrous 3x3, the head's 3x3), and for "gather" the strided stem too ("auto"
+    restores the layers' own choice). Returns how many were set. For comparing the paths on another machine, e.g.
+    im2col or gather, with fewer but larger array operations, on a GPU."""
     from .nn import Conv2d
-    convs = [m for m in model.modules() if isinstance(m, Conv2d) and m.kernel_size != (1, 1) and m.stride == (1, 1)]
+    convs = [m for m in model.modules() if isinstance(m, Conv2d) and m.kernel_size != (1, 1)
+             and (m.stride == (1, 1) or algorithm == "gather")]
     for conv in convs:
         conv.algorithm = algorithm
     return len(convs)
@@ -382,7 +384,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch phases")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-layer-type profile")
     ap.add_argument("--profile-os", type=int, choices=(8, 16, 32), default=16)
-    ap.add_argument("--conv-algorithm", choices=("auto", "kn2row", "taps", "im2col"), default="auto",
+    ap.add_argument("--conv-algorithm", choices=("auto", "kn2row", "taps", "im2col", "gather"), default="auto",
                     help="force this path on our stride-1 k x k convs (default: each layer's own choice)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="with --device cuda: our steps replay a captured CUDA graph (the profile stays eager)")

@@ -126,8 +126,9 @@ class CountingArray(np.ndarray):
     """A NumPy array that counts the operations made on it, in ``CountingArray.counts`` (name -> calls).
 
     Counted: ufunc calls (arithmetic, comparisons, ``matmul``, and reductions such as ``sum``), array functions
-    (``einsum``, ``where``, ...), ``a[...] = b`` and ``copy``/``astype``: what a GPU runs as a kernel each. Not
-    counted: creation (``empty``, ``zeros``), views, reshapes. Host reads of a value (``bool(a)``, ``float(a)``,
+    (``einsum``, ``where``, ...), ``a[...] = b``, gathers ``a[index_array]`` and ``copy``/``astype``: what a GPU runs
+    as a kernel each. Not counted: creation (``empty``, ``zeros``), views, reshapes, and the assignment of a view to
+    itself that ``a[k] += b`` ends with (CuPy and NumPy skip it). Host reads of a value (``bool(a)``, ``float(a)``,
     ``a.item()``), each a synchronisation on a GPU, go to ``CountingArray.syncs``. Results of counted operations are
     ``CountingArray`` again, so a model whose parameters, buffers and input are one counts its whole step;
     ``benchmarks/count_ops.py`` does that to estimate a training step's kernel launches on the CPU. With
@@ -170,8 +171,14 @@ class CountingArray(np.ndarray):
         result = super().__array_function__(func, types, args, kwargs)
         return tuple(_counting(r) for r in result) if isinstance(result, tuple) else _counting(result)
 
+    def __getitem__(self, key):
+        if _advanced(key):                           # a gather (fancy indexing) copies: a kernel; a slice is a view
+            CountingArray.counts["take"] += 1
+        return super().__getitem__(key)
+
     def __setitem__(self, key, value):
-        CountingArray.counts["setitem"] += 1
+        if not _same_view(self, key, value):        # a[k] += b assigns a[k] to itself: CuPy (and NumPy) skip that
+            CountingArray.counts["setitem"] += 1
         super().__setitem__(key, value)
 
     def copy(self, *args, **kwargs):
@@ -181,6 +188,21 @@ class CountingArray(np.ndarray):
     def astype(self, *args, **kwargs):
         CountingArray.counts["astype"] += 1
         return super().astype(*args, **kwargs)
+
+
+def _advanced(key) -> bool:
+    """Whether indexing with ``key`` gathers (an integer or boolean array or list in it) rather than views."""
+    return any(isinstance(k, (list, np.ndarray)) for k in (key if isinstance(key, tuple) else (key,)))
+
+
+def _same_view(a, key, value) -> bool:
+    """Whether ``value`` is the very view ``a[key]`` (same memory, shape and strides): what Python's ``a[key] += b``
+    assigns back after adding in place, and what CuPy's and NumPy's assignment skip without a kernel or a copy."""
+    if not isinstance(value, np.ndarray) or _advanced(key):
+        return False
+    target = np.ndarray.__getitem__(a, key)
+    return (isinstance(target, np.ndarray) and target.shape == value.shape and target.strides == value.strides
+            and target.__array_interface__["data"][0] == value.__array_interface__["data"][0])
 
 
 def _plain(a):

@@ -63,6 +63,11 @@ def test_forced_conv_algorithm_keeps_the_output_and_is_reported(tmp_path):
                      "--conv-algorithm", "im2col", "--out", str(tmp_path)])
     assert rc == 0
     assert "convs forced to 'im2col'" in (tmp_path / "bench_cpu_quick.md").read_text()
+    # gather applies to the strided stem as well
+    assert bench.force_conv_algorithm(model, "gather") == n + 1
+    out = model(x)
+    assert {m.path for m in convs if m.kernel_size != (1, 1)} == {"gather"}
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_bench_rejects_unknown_output_stride(capsys):

@@ -58,9 +58,10 @@ CONV_CONFIGS = [  # id, input shape, (C, F, kernel), keyword arguments
 
 def conv_algorithms(kernel_size, stride=1, padding=0, **_):
     """The Conv2d paths that can be forced on a configuration, written out here rather than asked of the layer:
-    im2col always, kn2row and taps at stride 1, pointwise for an unpadded 1x1 kernel."""
+    im2col and gather always, kn2row and taps at stride 1, pointwise for an unpadded 1x1 kernel."""
     k, s, p = (v if isinstance(v, tuple) else (v, v) for v in (kernel_size, stride, padding))
-    applies = {"pointwise": k == (1, 1) and p == (0, 0), "kn2row": s == (1, 1), "taps": s == (1, 1), "im2col": True}
+    applies = {"pointwise": k == (1, 1) and p == (0, 0), "kn2row": s == (1, 1), "taps": s == (1, 1), "im2col": True,
+               "gather": True}
     return [a for a in nn.Conv2d.ALGORITHMS if applies.get(a, False)]
 
 

@@ -17,6 +17,12 @@ forward+backward times measured on this 2-core machine (OpenBLAS, float32, batch
   the rectangle where that tap reads real input (``valid_taps``). Rate 12 at 16x16 does 25 % of im2col's
   multiply-adds: 37 ms against 74 ms (rate 6: 55 against 71).
 - "im2col" (strided convs: the 7x7/2 stem): ``W (F, C*kh*kw) @ cols (N, C*kh*kw, Ho*Wo)``, col2im in backward.
+- "gather" (never chosen by "auto"; for a GPU, where a step is bound by kernel launches): im2col's columns in one
+  indexed gather (``gather_index``) and one multiply by a 0/1 mask for the padding, instead of a copy per tap;
+  at stride 1 the input gradient is the same gather of dout (the correlation with the flipped kernel) and ONE
+  GEMM with K = F*kh*kw, instead of col2im's add per tap. A 3x3 conv's forward and backward in about 8 array
+  operations against kn2row's ~50 (``benchmarks/count_ops.py --conv-algorithm gather``), at the price of a
+  9x-input column matrix kept for backward, which the CPU's caches do not like.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from .functional import (
     check_input,
     col2im,
     conv_output_size,
+    gather_index,
     im2col,
     pair,
     stack_shifted,
@@ -64,13 +71,14 @@ class Conv2d(Module):
         bias: learn a per-channel bias.
         rng: ``numpy.random.Generator`` for the He/Kaiming-normal init (std = sqrt(2 / (C*kh*kw))).
         dtype: parameter dtype (float32 for training, float64 for gradient checks).
-        algorithm: "auto" (default), or force "pointwise", "kn2row", "taps" or "im2col" (see the module doc).
+        algorithm: "auto" (default), or force "pointwise", "kn2row", "taps", "im2col" or "gather" (see the module
+            doc).
 
     Attribute ``input_grad`` (default True): set it to False on a network's first layer to skip dL/dx, which
     nothing reads there (PyTorch skips it for an input that does not require grad); backward then returns None.
     """
 
-    ALGORITHMS = ("auto", "pointwise", "kn2row", "taps", "im2col")
+    ALGORITHMS = ("auto", "pointwise", "kn2row", "taps", "im2col", "gather")
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=0, dilation=1,
                  bias: bool = True, rng: np.random.Generator | None = None, dtype=np.float32,
@@ -94,6 +102,7 @@ class Conv2d(Module):
         self.x_shape = None   # input shape of the last forward
         self.path = None      # the algorithm the last forward used
         self.saved = None     # what that path's backward needs: the columns (im2col / pointwise) or the input
+        self.gather_indices = {}  # "gather": (index, mask) on the device, per geometry (built once each)
 
     def output_shape(self, input_shape):
         N, _, H, W = input_shape
@@ -134,6 +143,16 @@ class Conv2d(Module):
         rows, cols = [t[0] for t in taps], [t[1] for t in taps]
         return taps, xp.ascontiguousarray(w[:, :, rows, cols].transpose(2, 0, 1))
 
+    def _gather(self, x, src_hw, dst_hw, transposed=False):
+        """``gather_index`` of this conv's geometry as arrays on ``x``'s device (the mask in its dtype), cached."""
+        xp = get_array_module(x)
+        key = (xp.__name__, x.dtype.str, tuple(src_hw), tuple(dst_hw), transposed)
+        if key not in self.gather_indices:
+            index, valid = gather_index(src_hw, dst_hw, self.kernel_size, self.stride, self.padding, self.dilation,
+                                        transposed)
+            self.gather_indices[key] = (xp.asarray(index), xp.asarray(valid.astype(x.dtype)))
+        return self.gather_indices[key]
+
     def forward(self, x):
         check_input("Conv2d", x, self.in_channels)
         check_dtype("Conv2d", x, self.weight.data)
@@ -144,11 +163,16 @@ class Conv2d(Module):
         xp = get_array_module(x)
         C = self.in_channels
         path = self.choose_algorithm(x.shape[2], x.shape[3], Ho, Wo)
-        if path in ("pointwise", "im2col"):
+        if path in ("pointwise", "im2col", "gather"):
             if path == "pointwise":
                 cols = x[:, :, ::self.stride[0], ::self.stride[1]].reshape(N, C, Ho * Wo)  # a view at stride 1
-            else:
+            elif path == "im2col":
                 cols = im2col(x, self.kernel_size, self.stride, self.padding, self.dilation)
+            else:   # every tap's input pixel in one gather; the taps that read padding read 0
+                index, mask = self._gather(x, x.shape[2:], (Ho, Wo))
+                cols = x.reshape(N, C, -1)[:, :, index]
+                cols *= mask
+                cols = cols.reshape(N, -1, Ho * Wo)
             out = (self.weight.data.reshape(F, -1) @ cols).reshape(N, F, Ho, Wo)     # already NCHW
             self.saved = cols
         elif path == "kn2row":
@@ -180,14 +204,23 @@ class Conv2d(Module):
         C, (kh, kw) = self.in_channels, self.kernel_size
         if self.bias is not None:
             self.bias.accumulate(dout.sum(axis=(0, 2, 3)))      # dL/db = sum of dout over batch and pixels
-        if self.path in ("pointwise", "im2col"):
+        if self.path in ("pointwise", "im2col", "gather"):
             d2, cols = dout.reshape(N, F, Ho * Wo), self.saved
             # dL/dW = sum_n dout_n · cols_n^T ;  dL/dcols = W^T · dout
             self.weight.accumulate(xp.matmul(d2, cols.transpose(0, 2, 1)).sum(axis=0).reshape(self.weight.shape))
             if not self.input_grad:
                 return None
+            if self.path == "gather" and self.stride == (1, 1):
+                # dL/dx = the correlation of dout with the flipped kernel: dout gathered back onto the input pixels
+                # (tap by tap, zero where that output pixel does not exist), then one GEMM with K = F*kh*kw
+                H, W = self.x_shape[2:]
+                index, mask = self._gather(dout, (Ho, Wo), (H, W), transposed=True)
+                dcols = d2[:, :, index]
+                dcols *= mask
+                w_t = xp.ascontiguousarray(self.weight.data.transpose(1, 0, 2, 3)).reshape(C, -1)   # (C, F*kh*kw)
+                return (w_t @ dcols.reshape(N, -1, H * W)).reshape(self.x_shape)
             dcols = self.weight.data.reshape(F, -1).T @ d2
-            if self.path == "im2col":       # dL/dx: dcols folded back onto the input by col2im
+            if self.path in ("im2col", "gather"):      # dL/dx: dcols folded back onto the input by col2im
                 return col2im(dcols, self.x_shape, self.kernel_size, self.stride, self.padding, self.dilation)
             if self.stride == (1, 1):
                 return dcols.reshape(self.x_shape)

@@ -89,6 +89,28 @@ def im2col(x, kernel_size, stride=1, padding=0, dilation=1):
     return cols.reshape(N, C * kh * kw, Ho * Wo)
 
 
+def gather_index(src_hw, dst_hw, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(1, 1), transposed=False):
+    """``(index, valid)`` for im2col as ONE gather: ``x.reshape(N, C, H*W)[:, :, index] * valid`` is the column matrix
+    (N, C*kh*kw, Ho*Wo) of ``im2col`` (rows (c, i, j), columns the output pixels), from a tap-by-pixel index
+    into the flat map. For tap (i, j) and pixel (r, c) of the destination it points at source pixel
+    ``(r*s + i*d - p, c*s + j*d - p)``, or, ``transposed`` (stride 1), at ``(r - i*d + p, c - j*d + p)``: where a
+    conv's output pixels are read back to the input pixel (r, c) for its input gradient (a correlation of dout with
+    the flipped kernel). ``valid`` is 0 where that pixel is padding (``index`` then points at a real one, any).
+    Built with NumPy on the host, once per geometry.
+
+    Shapes: src_hw, dst_hw: (H, W) pairs -> index (int64), valid (bool): (kh*kw*Hd*Wd,).
+    """
+    sign = -1 if transposed else 1
+    axes = []
+    for k, s, p, d, n_dst, n_src in zip(kernel_size, stride, padding, dilation, dst_hw, src_hw):
+        pos = np.arange(n_dst)[None, :] * s + sign * (np.arange(k)[:, None] * d - p)      # (k, n_dst)
+        axes.append((np.clip(pos, 0, n_src - 1), (pos >= 0) & (pos < n_src)))
+    (rows, rows_ok), (cols, cols_ok) = axes
+    index = rows[:, None, :, None] * src_hw[1] + cols[None, :, None, :]                 # (kh, kw, Hd, Wd)
+    valid = rows_ok[:, None, :, None] & cols_ok[None, :, None, :]
+    return index.reshape(-1), valid.reshape(-1)
+
+
 def col2im(cols, input_shape, kernel_size, stride=1, padding=0, dilation=1):
     """The adjoint of ``im2col``: add every column entry back to the input pixel it was read from.
 
