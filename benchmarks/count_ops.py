@@ -7,8 +7,10 @@ On a GPU a step made of many small layers is bound by kernel launches, not by ar
 the GPU has to bring down. This script counts them without a GPU: the model's parameters, buffers and input
 become ``profiler.CountingArray`` (a NumPy array that counts every ufunc, reduction, matmul, array function and
 copy made on it; ``counting_creation`` makes the arrays the step allocates count too) and ``TypeProfiler``
-charges the counts to layer types as it charges time in ``minideeplab bench``. The optimizer step is counted as on a GPU, over whole flat buffers (on the CPU it runs over
-cache-sized chunks, ``optim.CPU_CHUNK``). Batch 2x3xSIZExSIZE float32, the benchmark's training step
+charges the counts to layer types as it charges time in ``minideeplab bench``. A ``CountingArray`` takes the paths a
+GPU's arrays take (``backend.launch_bound``): "auto" convs on the "gather" path, optimizer updates over whole flat
+buffers (on the CPU: kn2row and cache-sized chunks; ``--conv-algorithm kn2row`` counts the CPU's convs). Batch
+2x3xSIZExSIZE float32, the benchmark's training step
 (forward, BCE-with-logits, backward without the image's gradient, SGD with momentum 0.9), then AdamW's step.
 "Host syncs" counts the reads of an array value on the host (``bool``, ``float``, ``item``): on a GPU each waits
 for the queued kernels, and a step captured as a CUDA graph may have none. The step is counted twice: as it runs
@@ -52,46 +54,42 @@ def _count_step(output_stride, size, batch, conv_algorithm):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 3, size, size), dtype=np.float32).view(CountingArray)
     target = (rng.random((batch, 1, size, size)) < 0.3).astype(np.float32).view(CountingArray)
-    loss_fn, saved_chunk = BCEWithLogitsLoss(), optim.CPU_CHUNK
-    optim.CPU_CHUNK = 1 << 62                       # the optimizer as on a GPU: one chunk per flat buffer
-    try:
-        sgd = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        profiler = TypeProfiler(model, clock=operations_counted).attach()   # counts by layer type
+    loss_fn = BCEWithLogitsLoss()
+    sgd = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    profiler = TypeProfiler(model, clock=operations_counted).attach()   # counts by layer type
 
-        def train_step(opt):
-            CountingArray.syncs.clear()
-            marks = [operations_counted()]
-            opt.zero_grad()
-            logits = model(x)
-            marks.append(operations_counted())
-            with profiler.region("loss"):
-                loss_fn(logits, target)
-                dlogits = loss_fn.backward()
-            marks.append(operations_counted())
-            model.backward(dlogits, input_grad=False)
-            marks.append(operations_counted())
-            with profiler.region("optimizer"):
-                opt.step()
-            marks.append(operations_counted())
-            counts = dict(zip(("forward", "loss", "backward", "optimizer"), np.diff(marks).tolist()))
-            return counts, sum(CountingArray.syncs.values())
-
-        model.train()
-        train_step(sgd)                             # first step: creates the state (counted from the second on)
-        profiler.reset()
-        phases, syncs = train_step(sgd)
-        by_type = profiler.report(sum(phases.values()))
-        adamw = optim.AdamW(model.parameters(), lr=1e-3)
-        train_step(adamw)
-        adamw_phases, adamw_syncs = train_step(adamw)
-        profiler.detach()
-        model.eval()
-        start = operations_counted()
+    def train_step(opt):
         CountingArray.syncs.clear()
-        model(x)
-        eval_ops, eval_syncs = operations_counted() - start, sum(CountingArray.syncs.values())
-    finally:
-        optim.CPU_CHUNK = saved_chunk
+        marks = [operations_counted()]
+        opt.zero_grad()
+        logits = model(x)
+        marks.append(operations_counted())
+        with profiler.region("loss"):
+            loss_fn(logits, target)
+            dlogits = loss_fn.backward()
+        marks.append(operations_counted())
+        model.backward(dlogits, input_grad=False)
+        marks.append(operations_counted())
+        with profiler.region("optimizer"):
+            opt.step()
+        marks.append(operations_counted())
+        counts = dict(zip(("forward", "loss", "backward", "optimizer"), np.diff(marks).tolist()))
+        return counts, sum(CountingArray.syncs.values())
+
+    model.train()
+    train_step(sgd)                             # first step: creates the state (counted from the second on)
+    profiler.reset()
+    phases, syncs = train_step(sgd)
+    by_type = profiler.report(sum(phases.values()))
+    adamw = optim.AdamW(model.parameters(), lr=1e-3)
+    train_step(adamw)
+    adamw_phases, adamw_syncs = train_step(adamw)
+    profiler.detach()
+    model.eval()
+    start = operations_counted()
+    CountingArray.syncs.clear()
+    model(x)
+    eval_ops, eval_syncs = operations_counted() - start, sum(CountingArray.syncs.values())
     return {"output_stride": output_stride, "size": size, "batch": batch, "conv_algorithm": conv_algorithm,
             "train_sgd": phases, "train_adamw": adamw_phases, "eval_forward": eval_ops, "params": len(sgd.params),
             "syncs": {"train_sgd": syncs, "train_adamw": adamw_syncs, "eval_forward": eval_syncs},

@@ -2,8 +2,9 @@
 # One-shot GPU check for a lent device machine (CuPy + CUDA PyTorch preinstalled, no network), most important first:
 #   1. the model benchmark at OS 16 (the row) with our steps replayed as a captured CUDA graph, against
 #      PyTorch CUDA (eager), no profile;
-#   2. the same, ours only, with every k x k conv on the "gather" path (one gather + one GEMM per conv: 7768
-#      array operations per eager training step against 10622, benchmarks/count_ops.py);
+#   2. the same, ours only, with the k x k convs forced to kn2row (the CPU's path, the GPU's default until this
+#      round) instead of "gather", which "auto" now picks on a GPU for its fewer array operations (count_ops.py:
+#      7768 per eager training step against 10529);
 #   3. the same row with our steps run eagerly (default paths), against PyTorch, with the per-layer-type profile;
 #   4. the test suite on CuPy (every test parametrised by the xp/device fixture, CuPy half only; tests/test_graph.py
 #      checks that graph replays train exactly as eager steps do, and shows the traceback if a capture fails);
@@ -26,8 +27,8 @@ run() {   # run NAME TIMEOUT command...: output to $OUT/NAME.txt, then its exit 
 }
 run bench_cuda_graph "${GRAPH_TIMEOUT:-120}" python3 -m minideeplab.bench --device cuda --os 16 --cuda-graph \
     --no-profile --out "$OUT/graph"
-run bench_cuda_graph_gather "${GATHER_TIMEOUT:-60}" python3 -m minideeplab.bench --device cuda --os 16 --cuda-graph \
-    --no-torch --no-profile --conv-algorithm gather --out "$OUT/graph_gather"
+run bench_cuda_graph_kn2row "${KN2ROW_TIMEOUT:-60}" python3 -m minideeplab.bench --device cuda --os 16 --cuda-graph \
+    --no-torch --no-profile --conv-algorithm kn2row --out "$OUT/graph_kn2row"
 run bench_cuda "${BENCH_TIMEOUT:-150}" python3 -m minideeplab.bench --device cuda --os 16 --out "$OUT"
 run pytest_cupy "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -k "cupy or cuda" tests \
     --ignore=tests/test_notebooks.py

@@ -68,6 +68,14 @@ def to_device(x, device: str):
     return _cupy.asarray(x)
 
 
+def launch_bound(x) -> bool:
+    """Whether every array operation on ``x`` is a kernel launch that costs more than small work itself: a CuPy
+    array (~10 µs of Python and driver time per launch), or an array that stands for one on the CPU
+    (``profiler.CountingArray``, ``launch_bound = True``). Code then prefers fewer, larger operations: the "gather"
+    convolution path, optimizer updates over whole flat buffers."""
+    return is_cuda_array(x) or bool(getattr(x, "launch_bound", False))
+
+
 def can_read(x) -> bool:
     """Whether code may read a value of ``x`` on the host: to take a faster path for some values, or to check input.
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import device_of, get_array_module, is_cuda_array, to_device, to_numpy
+from .backend import device_of, get_array_module, launch_bound, to_device, to_numpy
 
 # the schedules live in lr_scheduler.py (file size) and are part of this module's public API
 from .lr_scheduler import (
@@ -194,7 +194,7 @@ class _FlatGroup:
         """Slices that cover the flat buffers: cache-sized on the CPU (a step's operations on one chunk find it in
         cache; whole 60 MB buffers would stream from memory once per operation), the whole buffer on a GPU."""
         n = self.data.size
-        size = n if is_cuda_array(self.data) else CPU_CHUNK
+        size = n if launch_bound(self.data) else CPU_CHUNK
         return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
     def is_current(self, params) -> bool:

@@ -138,6 +138,7 @@ class CountingArray(np.ndarray):
     counts: Counter = Counter()
     syncs: Counter = Counter()   # reads of a value on the host (bool, float, int, item): a GPU waits for its queue
     capturing = False            # True: backend.can_read says no, code takes a CUDA graph capture's path
+    launch_bound = True          # backend.launch_bound: code takes a GPU's paths (gather convs, whole-buffer steps)
 
     def __bool__(self):
         CountingArray.syncs["bool"] += 1

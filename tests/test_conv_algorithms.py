@@ -70,6 +70,18 @@ def test_taps_path_skips_taps_that_read_only_padding():
     assert len(taps) == 9 and area == 576
 
 
+def test_auto_takes_gather_on_a_launch_bound_device():
+    """On a GPU (``backend.launch_bound``; a CountingArray stands for one here) every k x k conv takes "gather", the
+    path with the fewest array operations; 1x1 convs stay pointwise."""
+    from minideeplab.profiler import CountingArray
+    for (k, p, d, s), expected in [((1, 0, 1, 1), "pointwise"), ((3, 1, 1, 1), "gather"), ((7, 3, 1, 2), "gather"),
+                                   ((3, 12, 12, 1), "gather")]:
+        conv = nn.Conv2d(2, 2, k, s, p, d, dtype=F64)
+        conv(np.zeros((1, 2, 16, 16)).view(CountingArray))
+        assert conv.path == expected, (k, p, d, s)
+        assert conv.choose_algorithm(16, 16, 16, 16, launch_bound=False) != "gather"
+
+
 def test_forcing_a_path_that_does_not_apply_is_a_clear_error():
     with pytest.raises(ValueError, match="kn2row"):
         nn.Conv2d(2, 2, 3, stride=2, algorithm="kn2row")(np.zeros((1, 2, 8, 8), np.float32))

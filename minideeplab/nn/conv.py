@@ -17,12 +17,12 @@ forward+backward times measured on this 2-core machine (OpenBLAS, float32, batch
   the rectangle where that tap reads real input (``valid_taps``). Rate 12 at 16x16 does 25 % of im2col's
   multiply-adds: 37 ms against 74 ms (rate 6: 55 against 71).
 - "im2col" (strided convs: the 7x7/2 stem): ``W (F, C*kh*kw) @ cols (N, C*kh*kw, Ho*Wo)``, col2im in backward.
-- "gather" (never chosen by "auto"; for a GPU, where a step is bound by kernel launches): im2col's columns in one
-  indexed gather (``gather_index``) and one multiply by a 0/1 mask for the padding, instead of a copy per tap;
+- "gather" (what "auto" picks for every kxk conv on a GPU, where a step is bound by kernel launches,
+  ``backend.launch_bound``): im2col's columns in one indexed gather (``gather_index``) and one multiply by a 0/1 mask for the padding, instead of a copy per tap;
   at stride 1 the input gradient is the same gather of dout (the correlation with the flipped kernel) and ONE
   GEMM with K = F*kh*kw, instead of col2im's add per tap. A 3x3 conv's forward and backward in about 8 array
-  operations against kn2row's ~50 (``benchmarks/count_ops.py --conv-algorithm gather``), at the price of a
-  9x-input column matrix kept for backward, which the CPU's caches do not like.
+  operations against kn2row's ~50 (``benchmarks/count_ops.py``), at the price of a 9x-input column matrix kept for
+  backward: cheap for a GPU's bandwidth, slow on the CPU (128->32 at 64x64: 125 ms against kn2row's 14).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import get_array_module, launch_bound
 from .functional import (
     check_dtype,
     check_input,
@@ -109,13 +109,16 @@ class Conv2d(Module):
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         return (N, self.out_channels, conv_output_size(H, kh, sh, ph, dh), conv_output_size(W, kw, sw, pw, dw))
 
-    def choose_algorithm(self, H: int, W: int, Ho: int, Wo: int) -> str:
-        """The path for an (H, W) input: "auto" picks by shape (see the module docstring)."""
+    def choose_algorithm(self, H: int, W: int, Ho: int, Wo: int, launch_bound: bool = False) -> str:
+        """The path for an (H, W) input: "auto" picks by shape, and by the device: ``launch_bound`` (a GPU) takes
+        the path with the fewest array operations (see the module docstring)."""
         pointwise = self.kernel_size == (1, 1) and self.padding == (0, 0)
         algo = self.algorithm
         if algo == "auto":
             if pointwise:
                 return "pointwise"
+            if launch_bound:
+                return "gather"
             if self.stride != (1, 1):
                 return "im2col"
             # kn2row multiplies every used tap with every pixel; "taps" only the pixels where the tap reads data
@@ -162,7 +165,7 @@ class Conv2d(Module):
                              f"with padding {self.padding} and dilation {self.dilation}")
         xp = get_array_module(x)
         C = self.in_channels
-        path = self.choose_algorithm(x.shape[2], x.shape[3], Ho, Wo)
+        path = self.choose_algorithm(x.shape[2], x.shape[3], Ho, Wo, launch_bound(x))
         if path in ("pointwise", "im2col", "gather"):
             if path == "pointwise":
                 cols = x[:, :, ::self.stride[0], ::self.stride[1]].reshape(N, C, Ho * Wo)  # a view at stride 1
