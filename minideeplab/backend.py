@@ -142,9 +142,12 @@ def cuda_graph(step, prepare=None, warmup: int = 2):
         graph = stream.end_capture()
 
     def replay():
+        caller = _cupy.cuda.get_current_stream()
         with stream:
+            stream.wait_event(caller.record())     # after what the caller queued (new data copied into the inputs)
             prepare()
             graph.launch(stream)
+        caller.wait_event(stream.record())         # and before what it queues next (reading the outputs)
 
     replay.graph, replay.stream, replay.pool = graph, stream, pool    # alive as long as replay is
     return replay

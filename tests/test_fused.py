@@ -21,8 +21,8 @@ def test_relu_of_affine_is_relu_of_the_affine_map(xp, channels):
     scale, shift = np.array(SCALES)[channels], np.array(SHIFTS)[channels]
     src = rng.standard_normal((2, len(scale), 5, 4)) * 3
     expected = np.maximum(src * scale[:, None, None] + shift[:, None, None], 0)
-    z, lo, hi, b = relu_of_affine(*(xp.asarray(a) for a in (src, scale, shift)))
-    z, lo, b = to_numpy(z), to_numpy(lo), to_numpy(b)
+    z, lo, hi, b, blocked = relu_of_affine(*(xp.asarray(a) for a in (src, scale, shift)))
+    z, lo, b, blocked = to_numpy(z), to_numpy(lo), to_numpy(b), to_numpy(blocked)
     hi = np.full_like(lo, np.inf) if hi is None else to_numpy(hi)     # None: no channel has an upper bound
     assert (hi == np.inf).all() == (channels == slice(0, 2))
     np.testing.assert_allclose(z * scale[:, None, None] + b[:, None, None], expected, rtol=1e-12, atol=1e-12)
@@ -30,6 +30,8 @@ def test_relu_of_affine_is_relu_of_the_affine_map(xp, channels):
     passed = (z > lo[:, None, None]) & (z < hi[:, None, None])
     affine = src * scale[:, None, None] + shift[:, None, None]
     np.testing.assert_array_equal(passed, affine > 0)
+    # where the mask is False, z is the channel's one blocked value (what norm_sums subtracts)
+    np.testing.assert_array_equal(np.where(passed, 0, z), np.where(passed, 0, blocked[:, None, None]))
 
 
 def test_relu_of_affine_keeps_its_arguments(xp):

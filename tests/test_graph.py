@@ -33,12 +33,26 @@ def test_relu_of_affine_under_capture_takes_the_general_path(capturing):
     bounds: the same z, the same mask, and not one host read."""
     rng = np.random.default_rng(0)
     src, scale, shift = rng.standard_normal((2, 3, 4, 4)), np.array([0.5, 1.0, 2.0]), np.array([0.1, -0.3, 0.2])
-    z, lo, hi, b = relu_of_affine(src, scale, shift)
-    zc, loc, hic, bc = relu_of_affine(*(capturing(a) for a in (src, scale, shift)))
+    z, lo, hi, b, _ = relu_of_affine(src, scale, shift)
+    zc, loc, hic, bc, _ = relu_of_affine(*(capturing(a) for a in (src, scale, shift)))
     assert hi is None and np.all(np.asarray(hic) == np.inf)
     np.testing.assert_array_equal(np.asarray(zc), z)
     np.testing.assert_array_equal(np.asarray(loc), lo)
     np.testing.assert_array_equal(np.asarray(bc), b)
+    assert sum(CountingArray.syncs.values()) == 0
+
+
+def test_relu_of_affine_under_capture_handles_every_kind_of_channel(capturing):
+    """Scales positive, negative, 0 and so small that the bound overflows (test_fused's channels): the general path
+    taken under capture gives what the eager one gives, with no host read."""
+    from test_fused import SCALES, SHIFTS
+    rng = np.random.default_rng(1)
+    scale, shift = np.array(SCALES), np.array(SHIFTS)
+    src = rng.standard_normal((2, len(scale), 5, 4)) * 3
+    eager = relu_of_affine(src, scale, shift)
+    captured = [np.asarray(a) for a in relu_of_affine(*(capturing(a) for a in (src, scale, shift)))]
+    for name, a, b in zip(("z", "lo", "hi", "shift", "blocked"), captured, eager):
+        np.testing.assert_array_equal(a, b, err_msg=name)
     assert sum(CountingArray.syncs.values()) == 0
 
 

@@ -119,7 +119,8 @@ class Dropout(Module):
 
     def draw_ahead(self) -> None:
         """Draw the mask of the next training forward now, in the shape, dtype and device of the last one, into
-        ``self.ahead`` (allocated once, then overwritten in place)."""
+        ``self.ahead`` (allocated once, then overwritten in place). The next forward that runs uses it (a graph
+        replay reads it without running forward in Python: ``ahead_ready`` then stays set until one does)."""
         last = self.scale_mask if hasattr(self.scale_mask, "shape") else self.ahead
         if last is None:
             raise RuntimeError("Dropout.draw_ahead: needs a training forward first (for the mask's shape and device)")

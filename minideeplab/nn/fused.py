@@ -30,27 +30,32 @@ from .functional import channel_sum
 
 
 def relu_of_affine(src, scale, shift, out=None):
-    """``(z, lo, hi, shift)`` with ``relu(src * scale + shift) == z * scale + shift`` per channel, z = clip(src, lo, hi).
+    """``(z, lo, hi, shift, blocked)`` with ``relu(src * scale + shift) == z * scale + shift`` per channel,
+    z = clip(src, lo, hi).
 
     One pass: ``max(src, lo)`` when every scale is positive (``hi`` is then None: no upper bound), else ``clip``.
     Telling the two apart reads the scales on the host; where that is not allowed (``backend.can_read``: a step
-    being captured as a CUDA graph) it always takes ``clip``, with a dozen more small operations. A constant channel (scale 0, or a bound that overflows) is ``relu(shift)``: its shift becomes ``relu(shift)``
-    and it passes everything (z = src) where ``shift > 0``, nothing (z = 0) elsewhere. ReLU's mask is
-    ``lo < z < hi``.
+    being captured as a CUDA graph) it always takes ``clip``, with ten more small operations on (C,) vectors. A
+    constant channel (scale 0, or a bound ``-shift/scale`` that overflows) is ``relu(shift)``: where ``shift > 0``
+    it passes everything (z = src; its bounds are then infinite whatever the sign of the scale), elsewhere nothing
+    (lo = hi = 0, z = 0, shift 0). ReLU's mask is ``lo < z < hi``; ``blocked`` is the value z takes where the
+    mask is False (the bound; 0 for a constant channel).
 
-    Shapes: src: (N, C, H, W); scale, shift: (C,) -> z like src (written into ``out`` if given); lo, hi, shift: (C,).
+    Shapes: src: (N, C, H, W); scale, shift: (C,) -> z like src (written into ``out`` if given); lo, hi, shift,
+    blocked: (C,).
     """
     xp = get_array_module(src)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         bound = -shift / scale
     constant = ~xp.isfinite(bound)
     if can_read(scale) and not constant.any() and (scale > 0).all():    # the usual case: a few small ops less
-        return xp.maximum(src, bound[:, None, None], out=out), bound, None, shift
+        return xp.maximum(src, bound[:, None, None], out=out), bound, None, shift, bound
     inf = xp.full_like(shift, np.inf)                  # made on the device (a host scalar would be a copy)
-    lo = xp.where(constant, xp.where(shift > 0, -inf, 0), xp.where(scale > 0, bound, -inf))
-    hi = xp.where(constant, xp.where(shift > 0, inf, 0), xp.where(scale < 0, bound, inf))
-    shift = xp.where(constant, xp.maximum(shift, 0), shift)
-    return xp.clip(src, lo[:, None, None], hi[:, None, None], out=out), lo, hi, shift
+    lo = xp.where(scale > 0, bound, -inf)              # overflowed bounds are -inf or +inf here, nan for 0/0
+    hi = xp.where(scale < 0, bound, inf)
+    off = constant & (shift <= 0)                      # constant channels that pass nothing
+    lo, hi, shift = xp.where(off, 0, lo), xp.where(off, 0, hi), xp.where(off, 0, shift)
+    return xp.clip(src, lo[:, None, None], hi[:, None, None], out=out), lo, hi, shift, xp.where(constant, 0, bound)
 
 
 class BNReLUConv1x1:
@@ -70,7 +75,8 @@ class BNReLUConv1x1:
             raise ValueError(f"BNReLUConv1x1: channels do not chain: norm has {norm.num_features}, conv "
                              f"{conv.in_channels} -> {conv.out_channels}, post {post.num_features if post else None}")
         self.norm, self.conv, self.post = norm, conv, post
-        self.z1 = self.mask = self.lo = self.hi = self.scale = self.shift = self.folded = self.w_scaled = None
+        self.z1 = self.mask = self.lo = self.hi = self.blocked = self.scale = self.shift = None
+        self.folded = self.w_scaled = None
         self.dout_z = None   # sum_n dout_n · [z; 1]_n^T (F, C + 1) of the last backward: gives norm_sums for free
 
     def forward(self, x, stats=None):
@@ -84,7 +90,7 @@ class BNReLUConv1x1:
         # z gets one extra channel of ones, so that the GEMM adds W·b itself: [W·diag(s) | W·b] · [z; 1]
         self.z1 = xp.empty((N, C + 1, H, W), dtype=x.dtype)
         self.z1[:, C] = 1
-        _, self.lo, self.hi, self.shift = relu_of_affine(src, self.scale, shift, out=self.z1[:, :C])
+        _, self.lo, self.hi, self.shift, self.blocked = relu_of_affine(src, self.scale, shift, out=self.z1[:, :C])
         self.mask = self.passed() if self.norm.training else None   # else only if backward asks
         w1 = self._weight_with_shift()
         self.folded = self.post is not None and not self.post.training
@@ -141,18 +147,12 @@ class BNReLUConv1x1:
         """
         if self.dout_z is None:
             raise RuntimeError("BNReLUConv1x1.norm_sums needs a backward first")
-        xp = get_array_module(g)
         sum_g = channel_sum(g) / self.scale if scaled else channel_sum(g)
         C = self.dout_z.shape[1] - 1
         w = self.conv.weight.data.reshape(-1, C)
         sum_hz = (w * self.dout_z[:, :C]).sum(axis=0)
         sum_h = self.dout_z[:, C] @ w
-        if self.hi is None:
-            blocked = self.lo
-        else:
-            finite = xp.isfinite
-            blocked = xp.where(finite(self.lo), self.lo, xp.where(finite(self.hi), self.hi, 0))
-        sum_gc = sum_hz - blocked * (sum_h - sum_g)
+        sum_gc = sum_hz - self.blocked * (sum_h - sum_g)
         if not self.norm.batch_stats:        # eval: src = x, centered = x - running mean
             sum_gc = sum_gc - self.norm.running_mean * sum_g
         return sum_g, sum_gc
@@ -174,5 +174,6 @@ class BNReLUConv1x1:
         return (z > self.lo[:, None, None]) & (z < self.hi[:, None, None])
 
     def clear_cache(self):
-        self.z1 = self.mask = self.lo = self.hi = self.scale = self.shift = self.folded = self.w_scaled = None
+        self.z1 = self.mask = self.lo = self.hi = self.blocked = self.scale = self.shift = None
+        self.folded = self.w_scaled = None
         self.dout_z = None

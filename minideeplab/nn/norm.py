@@ -93,7 +93,7 @@ class BatchNorm2d(Module):
         self.running_mean *= 1 - m              # in place: (1 - m) * running + m * batch
         self.running_mean += m * mean
         self.running_var *= 1 - m
-        self.running_var += m * var * (n / (n - 1))
+        self.running_var += (m * n / (n - 1)) * var     # unbiased; the factor is one number: one operation
         self.num_batches_tracked += 1
         inv_std = 1.0 / xp.sqrt(var + self.eps)
         self.x, self.centered, self.inv_std, self.batch_stats = None, centered, inv_std, True
