@@ -10,8 +10,8 @@ copy made on it; ``counting_creation`` makes the arrays the step allocates count
 charges the counts to layer types as it charges time in ``minideeplab bench``. A ``CountingArray`` takes the paths a
 GPU's arrays take (``backend.launch_bound``): "auto" convs on the "gather" path, optimizer updates over whole flat
 buffers (on the CPU: kn2row and cache-sized chunks; ``--conv-algorithm kn2row`` counts the CPU's convs). Batch
-2x3xSIZExSIZE float32, the benchmark's training step
-(forward, BCE-with-logits, backward without the image's gradient, SGD with momentum 0.9), then AdamW's step.
+2x3xSIZExSIZE float32, the benchmark's training step (forward, BCE-with-logits, backward without the image's
+gradient, SGD with momentum 0.9), then AdamW's step.
 "Host syncs" counts the reads of an array value on the host (``bool``, ``float``, ``item``): on a GPU each waits
 for the queued kernels, and a step captured as a CUDA graph may have none. The step is counted twice: as it runs
 eagerly, and as it runs while ``backend.cuda_graph`` captures it (``CountingArray.capturing``: no host reads, so the

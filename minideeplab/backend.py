@@ -113,9 +113,9 @@ def cuda_graph(step, prepare=None, warmup: int = 2):
     arrays it updates in place (parameters, gradients, optimizer and batch-norm state all are), read no array
     value on the host (code asks ``can_read``: the fused heads take their general path, the losses skip their
     0/1 check of the target, so check new targets before copying them in), copy nothing from the host (new data
-    goes into the step's input arrays before a replay), and use the same shapes every time. ``prepare()`` runs before each of the ``warmup`` steps,
-    the captured one and every replay, on the graph's stream: the place to copy in what must change between
-    replays (``Dropout.draw_ahead``). The step's temporaries come from a memory pool of its own that nothing else
+    goes into the step's input arrays before a replay), and use the same shapes every time. ``prepare()`` runs
+    before each of the ``warmup`` steps, the captured one and every replay, on the graph's stream: the place to
+    copy in what must change between replays (``Dropout.draw_ahead``). The step's temporaries come from a memory pool of its own that nothing else
     uses, so the addresses baked into the graph stay the graph's. Needs a GPU (CuPy); the step should have run
     once already (compiled kernels, cached shapes).
     """

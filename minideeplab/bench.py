@@ -338,7 +338,7 @@ def markdown(report: dict) -> str:
     runs = f"median of {a['repeats']}" + (f" x {rounds} alternating rounds (ratio: median of the rounds' ratios)"
                                           if rounds > 1 else "")
     forced = a.get("conv_algorithm", "auto")
-    runs += "" if forced == "auto" else f"; our stride-1 k x k convs forced to {forced!r}"
+    runs += "" if forced == "auto" else f"; our k x k convs forced to {forced!r}"
     runs += "; our steps replay a CUDA graph (PyTorch's run eagerly)" if a.get("cuda_graph") else ""
     lines = [(f"### DeepLabV3-DenseNet121, batch {a['batch']}x3x{a['size']}x{a['size']} float32, {a['device']}, "
               f"{where}, {runs}"), "",
@@ -385,7 +385,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-profile", action="store_true", help="skip the per-layer-type profile")
     ap.add_argument("--profile-os", type=int, choices=(8, 16, 32), default=16)
     ap.add_argument("--conv-algorithm", choices=("auto", "kn2row", "taps", "im2col", "gather"), default="auto",
-                    help="force this path on our stride-1 k x k convs (default: each layer's own choice)")
+                    help="force this path on our stride-1 k x k convs (gather: every k x k conv; default: each "
+                         "layer's own choice)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="with --device cuda: our steps replay a captured CUDA graph (the profile stays eager)")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for the JSON and .md")

@@ -47,11 +47,12 @@ def _check_pair(name: str, logits, target):
                          f"got {tuple(t.shape)}")
     if t.dtype.kind not in "biuf":
         raise TypeError(f"{name}: target must be a numeric or boolean {{0, 1}} mask, got dtype {t.dtype}")
-    bad = (t != 0) & (t != 1) if can_read(t) else None
-    if bad is not None and bool(xp.any(bad)):
-        example = t[bad].ravel()[0].item()
-        raise ValueError(f"{name}: target must be a binary mask with values in {{0, 1}}, "
-                         f"got {int(xp.count_nonzero(bad))} other value(s), e.g. {example!r}")
+    if can_read(t):
+        bad = (t != 0) & (t != 1)
+        if bool(xp.any(bad)):
+            example = t[bad].ravel()[0].item()
+            raise ValueError(f"{name}: target must be a binary mask with values in {{0, 1}}, "
+                             f"got {int(xp.count_nonzero(bad))} other value(s), e.g. {example!r}")
     return t.astype(logits.dtype, copy=False)
 
 
