@@ -1,6 +1,7 @@
 """Smoke test of ``minideeplab bench`` in quick mode: the output structure, never the timings."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -193,4 +194,17 @@ def test_bench_rejects_zero_rounds(capsys):
 def test_bench_cuda_graph_needs_the_cuda_device(capsys):
     assert bench.main(["--quick", "--cuda-graph", "--no-torch"]) == 1
     assert "--cuda-graph needs --device cuda" in capsys.readouterr().err
+
+
+def test_ab_compare_pairs_the_working_tree_with_a_commit(capsys):
+    """The in-process A/B imports the committed package beside the working tree's and reports paired ratios."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    if subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    ab = _load_script("ab_compare")
+    assert ab.main(["--base", "HEAD", "--small", "--size", "32", "--pairs", "2", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "new / HEAD = " in out and "median of 2 paired ratios" in out
+    assert not any(name.startswith("minideeplab_base") for name in sys.modules)     # cleaned up
 
