@@ -182,6 +182,11 @@ class CountingArray(np.ndarray):
             CountingArray.counts["setitem"] += 1
         super().__setitem__(key, value)
 
+    def mean(self, *args, out=None, **kwargs):
+        CountingArray.counts["mean"] += 1           # one reduction kernel on a GPU (CuPy divides as it sums)
+        result = np.ndarray.mean(self.view(np.ndarray), *args, out=_plain(out), **kwargs)
+        return out if out is not None else _counting(result)
+
     def copy(self, *args, **kwargs):
         CountingArray.counts["copy"] += 1
         return super().copy(*args, **kwargs)

@@ -165,7 +165,7 @@ class SharedBatchStatistics:
     def prefix(self, c: int):
         if c > self.done:                     # channels appended since the last call
             new = slice(self.done, c)
-            self.centered[:, new], self.mean[new], self.var[new] = batch_statistics(self.buf[:, new])
+            batch_statistics(self.buf[:, new], out=(self.centered[:, new], self.mean[new], self.var[new]))
             self.done = c
         return self.centered[:, :c], self.mean[:c], self.var[:c]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import get_array_module, launch_bound
 
 
 def pair(v, name: str = "value") -> tuple[int, int]:
@@ -236,11 +236,22 @@ def channel_sum(a, b=None):
     (sum) and ~2.5x (product) faster than ``a.sum(axis=(0, 2, 3))`` / ``(a * b).sum(axis=(0, 2, 3))``.
     """
     xp = get_array_module(a)
-    if xp is not np:
-        # CuPy: one reduction kernel each; the BLAS trick would add launches and copies of strided prefix views
+    if launch_bound(a):
+        # GPU: one reduction kernel each; the BLAS trick would add launches and copies of strided prefix views
         return a.sum(axis=(0, 2, 3)) if b is None else (a * b).sum(axis=(0, 2, 3))
     N, C, H, W = a.shape
     a3 = a.reshape(N, C, H * W)
     if b is None:
         return (a3 @ xp.ones(H * W, dtype=a.dtype)).sum(axis=0)
     return xp.einsum("ncp,ncp->c", a3, b.reshape(N, C, H * W))
+
+
+def channel_mean(a, b=None, out=None):
+    """Per-channel mean over (N, H, W) of ``a`` (or of ``a * b``), written into ``out`` if given: ``channel_sum``
+    divided by N*H*W, and on a GPU one reduction kernel that divides as it sums.
+
+    Shapes: a, b: (N, C, H, W) -> (C,).
+    """
+    if launch_bound(a):
+        return (a if b is None else a * b).mean(axis=(0, 2, 3), out=out)
+    return get_array_module(a).divide(channel_sum(a, b), a.shape[0] * a.shape[2] * a.shape[3], out=out)

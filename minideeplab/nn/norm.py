@@ -4,23 +4,24 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import get_array_module
-from .functional import channel_sum, check_dtype, check_input
+from .functional import channel_mean, channel_sum, check_dtype, check_input
 from .module import Module, Parameter
 
 
-def batch_statistics(x):
+def batch_statistics(x, out=None):
     """``(x - mean, mean, var)`` per channel over (N, H, W), ``var`` biased: what a training-mode batch norm needs.
 
-    Per-channel sums by ``channel_sum`` (BLAS products on NumPy, also for a channel-prefix view of a dense
-    block's buffer; plain reductions on CuPy). Two passes (mean, then the centred squares) keep the variance
-    accurate in float32.
+    Per-channel means by ``channel_mean`` (BLAS products on NumPy, also for a channel-prefix view of a dense
+    block's buffer; one reduction kernel each on a GPU). Two passes (mean, then the centred squares) keep the
+    variance accurate in float32. ``out``: three arrays ``(centered, mean, var)`` to write into (a dense block's
+    shared statistics).
 
     Shapes: x: (N, C, H, W) -> centered: (N, C, H, W), mean: (C,), var: (C,).
     """
-    n = x.shape[0] * x.shape[2] * x.shape[3]
-    mean = channel_sum(x) / n
-    centered = x - mean[:, None, None]
-    return centered, mean, channel_sum(centered, centered) / n
+    centered, mean, var = out if out is not None else (None, None, None)
+    mean = channel_mean(x, out=mean)
+    centered = get_array_module(x).subtract(x, mean[:, None, None], out=centered)
+    return centered, mean, channel_mean(centered, centered, out=var)
 
 
 class BatchNorm2d(Module):
