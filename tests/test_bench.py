@@ -208,3 +208,35 @@ def test_ab_compare_pairs_the_working_tree_with_a_commit(capsys):
     assert "new / HEAD = " in out and "median of 2 paired ratios" in out
     assert not any(name.startswith("minideeplab_base") for name in sys.modules)     # cleaned up
 
+
+def test_graphed_phase_draws_fresh_dropout_masks_before_every_replay(monkeypatch):
+    """``bench --cuda-graph``'s plumbing, on the CPU: a stand-in for ``backend.cuda_graph`` that runs ``prepare`` and
+    the step where the real one would replay. The step runs eagerly once, then every replay is preceded by a fresh
+    draw of each dropout mask into the same array, and the phase is timed as usual."""
+    from minideeplab import backend
+    from minideeplab.nn import Dropout
+    calls = []
+
+    def stand_in(step, prepare=None, warmup=2):
+        calls.append("capture")
+
+        def replay():
+            prepare()
+            step()
+        return replay
+    monkeypatch.setattr(backend, "cuda_graph", stand_in)
+    drawn = []
+    original = Dropout.draw_ahead
+
+    def recording(self):
+        original(self)
+        drawn.append((id(self.ahead), self.ahead.copy()))
+    monkeypatch.setattr(Dropout, "draw_ahead", recording)
+    spec = {"device": "cpu", "batch": 2, "size": 32, "repeats": 2, "warmup": 0, "threads": 1, "conv_algorithm": "auto",
+            "cuda_graph": True, "config": DeepLabConfig.small().to_dict(), "mode": "train", "framework": "ours"}
+    result = bench.run_phase(spec)
+    assert calls == ["capture"] and len(result["times_s"]) == 2
+    assert len(drawn) == 3                               # _measure's untimed step and the 2 timed ones
+    assert len({key for key, _ in drawn}) == 1           # one array, overwritten in place
+    assert not np.array_equal(drawn[0][1], drawn[1][1])  # a fresh mask each time
+
