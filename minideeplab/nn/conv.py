@@ -206,11 +206,11 @@ class Conv2d(Module):
         N, F, Ho, Wo = dout.shape
         C, (kh, kw) = self.in_channels, self.kernel_size
         if self.bias is not None:
-            self.bias.accumulate(dout.sum(axis=(0, 2, 3)))      # dL/db = sum of dout over batch and pixels
+            self.bias.accumulate_sum(dout, axis=(0, 2, 3))      # dL/db = sum of dout over batch and pixels
         if self.path in ("pointwise", "im2col", "gather"):
             d2, cols = dout.reshape(N, F, Ho * Wo), self.saved
             # dL/dW = sum_n dout_n · cols_n^T ;  dL/dcols = W^T · dout
-            self.weight.accumulate(xp.matmul(d2, cols.transpose(0, 2, 1)).sum(axis=0).reshape(self.weight.shape))
+            self.weight.accumulate_sum(xp.matmul(d2, cols.transpose(0, 2, 1)), axis=0)
             if not self.input_grad:
                 return None
             if self.path == "gather" and self.stride == (1, 1):

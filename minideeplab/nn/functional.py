@@ -228,8 +228,9 @@ def stack_shifted(dout, shifts):
     return D
 
 
-def channel_sum(a, b=None):
-    """Per-channel sum over (N, H, W) of ``a`` (or of ``a * b``), as BLAS products without temporaries.
+def channel_sum(a, b=None, out=None):
+    """Per-channel sum over (N, H, W) of ``a`` (or of ``a * b``), as BLAS products without temporaries; written into
+    ``out`` if given.
 
     Shapes: a, b: (N, C, H, W) -> (C,). ``a`` viewed as (N, C, H*W) times a vector of ones is a GEMV (also for a
     channel-prefix view of a bigger buffer); ``a * b`` summed is a batched dot product (einsum). Measured ~1.5x
@@ -238,12 +239,12 @@ def channel_sum(a, b=None):
     xp = get_array_module(a)
     if launch_bound(a):
         # GPU: one reduction kernel each; the BLAS trick would add launches and copies of strided prefix views
-        return a.sum(axis=(0, 2, 3)) if b is None else (a * b).sum(axis=(0, 2, 3))
+        return (a if b is None else a * b).sum(axis=(0, 2, 3), out=out)
     N, C, H, W = a.shape
     a3 = a.reshape(N, C, H * W)
     if b is None:
-        return (a3 @ xp.ones(H * W, dtype=a.dtype)).sum(axis=0)
-    return xp.einsum("ncp,ncp->c", a3, b.reshape(N, C, H * W))
+        return (a3 @ xp.ones(H * W, dtype=a.dtype)).sum(axis=0, out=out)
+    return xp.einsum("ncp,ncp->c", a3, b.reshape(N, C, H * W), out=out)
 
 
 def channel_mean(a, b=None, out=None):

@@ -125,7 +125,11 @@ class BNReLUConv1x1:
         # dL/dW = sum_n dout_n · (z_n·s + b)^T = (sum_n dout_n · z_n^T)·s + (sum of dout) ⊗ b, and the sum of dout
         # is the column the ones channel adds to sum_n dout_n · [z; 1]_n^T
         g = self.dout_z = xp.matmul(d2, z1.transpose(0, 2, 1)).sum(axis=0)
-        self.conv.weight.accumulate((g[:, :C] * self.scale + xp.outer(g[:, C], self.shift)).reshape(self.conv.weight.shape))
+        out = self.conv.weight.grad_out((F, C))      # the step's first gradient goes straight into grad
+        dw = xp.multiply(g[:, :C], self.scale, out=out)
+        dw += xp.outer(g[:, C], self.shift)
+        if out is None:
+            self.conv.weight.accumulate(dw.reshape(self.conv.weight.shape))
         # dL/d(bn output) = (W^T · dout) where the ReLU passed its input (lo < z < hi), else 0
         if scaled:   # W·diag(s) from forward, unless norm2 was folded into that GEMM's weight
             w = self.w_scaled if self.w_scaled is not None else w * self.scale

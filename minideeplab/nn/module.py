@@ -48,6 +48,24 @@ class Parameter:
         else:
             self._grad += g
 
+    def grad_out(self, shape=None):
+        """Where a backward can write this step's first gradient straight in, as its operation's ``out=``: ``grad``
+        (viewed as ``shape``) while it is pending zero, counted as written from then on; None when there is a
+        gradient to add to (then the caller makes its own and calls ``accumulate``). Saves a temporary and its copy
+        per parameter and step (on a GPU: one kernel launch each)."""
+        if not self._grad_is_zero or not self._grad.flags.c_contiguous:    # (a reshape must be a view of grad)
+            return None
+        self._grad_is_zero = False
+        return self._grad if shape is None else self._grad.reshape(shape)
+
+    def accumulate_sum(self, a, axis) -> None:
+        """grad += a.sum(axis) (reshaped to grad's shape), summed straight into grad when it is pending zero."""
+        axes = {d % a.ndim for d in (axis if isinstance(axis, tuple) else (axis,))}
+        out = self.grad_out(tuple(n for d, n in enumerate(a.shape) if d not in axes))
+        total = a.sum(axis=axis, out=out)
+        if out is None:
+            self.accumulate(total.reshape(self._grad.shape))
+
     def move_into(self, data, grad) -> None:
         """Keep this parameter's values in ``data`` and ``grad`` from now on (arrays of its shape and dtype: views
         of an optimizer's flat buffers); the current values are copied in."""

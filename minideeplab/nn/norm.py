@@ -134,22 +134,28 @@ class BatchNorm2d(Module):
         (a fused head gets the second from its weight gradient's GEMM, ``BNReLUConv1x1.norm_sums``).
         """
         self._need(self.inv_std)
-        inv_std = self.inv_std
+        xp, inv_std = get_array_module(dout), self.inv_std
         n = dout.shape[0] * dout.shape[2] * dout.shape[3]
         scale = self.weight.data * inv_std if self.affine else inv_std
-        # sum dout * xhat, with xhat = centered * inv_std (dout was given times scale if scaled)
+        # dL/dgamma = sum dout * xhat, with xhat = centered * inv_std ; dL/dbeta = sum dout (dout was given times
+        # scale if scaled). The step's first gradients are written straight into the parameters' grad (grad_out).
+        w_out = self.weight.grad_out() if self.affine else None
         if sums is not None:
-            sum_d, sum_dxhat = sums[0], sums[1] * inv_std
+            sum_d, sum_dc = sums
+            if self.affine:
+                self.bias.accumulate(sum_d)
         else:
+            b_out = self.bias.grad_out() if self.affine else None
             # an eval forward kept x instead of the centred input: rebuilt here, only when the sums need it
             centered = self.centered if self.centered is not None else self.x - self.running_mean[:, None, None]
-            sum_d, sum_dxhat = channel_sum(dout), channel_sum(dout, centered) * inv_std
+            sum_d, sum_dc = channel_sum(dout, out=None if scaled else b_out), channel_sum(dout, centered)
             if scaled:
-                sum_d, sum_dxhat = sum_d / scale, sum_dxhat / scale
-        if self.affine:
-            # dL/dgamma = sum dout * xhat ; dL/dbeta = sum dout
+                sum_d, sum_dc = xp.divide(sum_d, scale, out=b_out), sum_dc / scale
+            if self.affine and b_out is None:
+                self.bias.accumulate(sum_d)
+        sum_dxhat = xp.multiply(sum_dc, inv_std, out=w_out)
+        if self.affine and w_out is None:
             self.weight.accumulate(sum_dxhat)
-            self.bias.accumulate(sum_d)
         if not self.batch_stats:
             return scale, None, None
         return scale, sum_d / n, inv_std * sum_dxhat / n
