@@ -331,3 +331,29 @@ def test_zero_grad_is_lazy_but_reads_and_accumulates_like_zeros(xp):
     p.zero_grad()
     p.grad[0, 0] = 7.0                                      # writing through .grad sees the zeros first
     assert float(p.grad.sum()) == 7.0
+
+
+def test_grad_out_takes_the_first_gradient_of_a_step_straight_into_grad(xp):
+    p = nn.Parameter(xp.ones((2, 3)))
+    p.zero_grad()
+    held = p._grad
+    out = p.grad_out((6,))                                 # pending zero: grad itself, viewed as asked
+    out[...] = xp.arange(6.0)
+    assert p.grad is held
+    np.testing.assert_array_equal(to_numpy(p.grad), np.arange(6.0).reshape(2, 3))
+    assert p.grad_out() is None                             # a gradient is there now: the caller must add to it
+    p.accumulate_sum(xp.ones((4, 2, 3)), axis=0)            # adds a.sum(axis)
+    np.testing.assert_array_equal(to_numpy(p.grad), np.arange(6.0).reshape(2, 3) + 4)
+    p.zero_grad()
+    p.accumulate_sum(xp.ones((2, 5, 3, 2)), axis=(1, -1))   # first gradient after zero_grad: summed into grad
+    assert p.grad is held
+    np.testing.assert_array_equal(to_numpy(p.grad), np.full((2, 3), 10.0))
+
+
+def test_grad_out_declines_a_grad_that_a_reshape_would_copy(xp):
+    p = nn.Parameter(xp.ones((3, 2)))
+    p.grad = xp.zeros((2, 3)).T                             # not C-contiguous: a reshape of it is a copy
+    p.zero_grad()
+    assert p.grad_out((6,)) is None
+    p.accumulate(xp.full((3, 2), 2.0))                      # still pending zero: accumulate copies
+    np.testing.assert_array_equal(to_numpy(p.grad), np.full((3, 2), 2.0))

@@ -70,8 +70,9 @@ class _FusedHead(_Named):
         For ``DenseBlock.backward``, which applies them. The fused head gets sg from its GEMM for free, and
         sum(g · centered), which the batch norm needs, from its weight gradient's GEMM (``norm_sums``)."""
         norm, head = next(self.children()), self.fused_head
-        # the scaled variant divides by the scales: only when none is 0, which takes a host read
-        scaled = self.head_was_fused and can_read(head.scale) and bool((head.scale != 0).all())
+        # the scaled variant divides by the scales: only when none is 0. The head's usual path (no upper bound)
+        # has checked that they are all positive; else it takes a host read
+        scaled = self.head_was_fused and (head.hi is None or can_read(head.scale) and bool((head.scale != 0).all()))
         g = self._grad_at_norm_output(dout, scaled)
         scale, mean_d, k = norm.backward_terms(g, scaled, head.norm_sums(g, scaled) if self.head_was_fused else None)
         if not scaled:

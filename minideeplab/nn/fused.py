@@ -47,9 +47,10 @@ def relu_of_affine(src, scale, shift, out=None):
     xp = get_array_module(src)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         bound = -shift / scale
-    constant = ~xp.isfinite(bound)
-    if can_read(scale) and not constant.any() and (scale > 0).all():    # the usual case: a few small ops less
+    finite = xp.isfinite(bound)
+    if can_read(scale) and bool((finite & (scale > 0)).all()):    # the usual case: a few small ops less
         return xp.maximum(src, bound[:, None, None], out=out), bound, None, shift, bound
+    constant = ~finite
     inf = xp.full_like(shift, np.inf)                  # made on the device (a host scalar would be a copy)
     lo = xp.where(scale > 0, bound, -inf)              # overflowed bounds are -inf or +inf here, nan for 0/0
     hi = xp.where(scale < 0, bound, inf)

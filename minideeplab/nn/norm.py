@@ -54,6 +54,7 @@ class BatchNorm2d(Module):
         self.centered = None   # x - batch mean (N, C, H, W), kept by a training-mode forward (xhat = centered * inv_std)
         self.x = None          # the input, kept by an eval-mode forward instead (centered is rebuilt in backward)
         self.inv_std = None    # 1 / sqrt(var + eps), shape (C,)
+        self.scale = None      # weight * inv_std (the map's per-channel scale; inv_std without affine), shape (C,)
         self.batch_stats = None  # whether forward used batch statistics (train) or running ones (eval)
 
     def forward(self, x, stats=None):
@@ -79,8 +80,8 @@ class BatchNorm2d(Module):
         if not self.training:
             # eval: a per-channel affine map of x; the centred input is only needed (and rebuilt) in backward
             self.x, self.centered, self.batch_stats = x, None, False
-            self.inv_std, scale, shift = self.eval_affine()
-            return x, scale, shift
+            self.inv_std, self.scale, shift = self.eval_affine()
+            return x, self.scale, shift
         if n < 2:
             raise ValueError(f"BatchNorm2d: training needs more than one value per channel, got input shape "
                              f"{tuple(x.shape)} (N*H*W = {n}); use a batch of at least 2 or call .eval()")
@@ -97,8 +98,9 @@ class BatchNorm2d(Module):
         self.running_var += (m * n / (n - 1)) * var     # unbiased; the factor is one number: one operation
         self.num_batches_tracked += 1
         inv_std = 1.0 / xp.sqrt(var + self.eps)
+        self.scale = inv_std * self.weight.data if self.affine else inv_std
         self.x, self.centered, self.inv_std, self.batch_stats = None, centered, inv_std, True
-        return centered, inv_std * self.weight.data if self.affine else inv_std, self._beta()
+        return centered, self.scale, self._beta()
 
     def eval_affine(self):
         """``(inv_std, scale, shift)`` of the eval-mode map ``scale * x + shift`` (running statistics); no cache."""
@@ -134,9 +136,8 @@ class BatchNorm2d(Module):
         (a fused head gets the second from its weight gradient's GEMM, ``BNReLUConv1x1.norm_sums``).
         """
         self._need(self.inv_std)
-        xp, inv_std = get_array_module(dout), self.inv_std
+        xp, inv_std, scale = get_array_module(dout), self.inv_std, self.scale    # as forward computed them
         n = dout.shape[0] * dout.shape[2] * dout.shape[3]
-        scale = self.weight.data * inv_std if self.affine else inv_std
         # dL/dgamma = sum dout * xhat, with xhat = centered * inv_std ; dL/dbeta = sum dout (dout was given times
         # scale if scaled). The step's first gradients are written straight into the parameters' grad (grad_out).
         w_out = self.weight.grad_out() if self.affine else None
@@ -161,7 +162,7 @@ class BatchNorm2d(Module):
         return scale, sum_d / n, inv_std * sum_dxhat / n
 
     def _clear_cache(self):
-        self.x = self.centered = self.inv_std = None
+        self.x = self.centered = self.inv_std = self.scale = None
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
