@@ -6,6 +6,8 @@ on the GPU.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 try:  # CuPy is an optional extra; any build (cupy-cuda12x, cupy-cuda13x, ...) works.
@@ -27,11 +29,10 @@ def cuda_available() -> bool:
 
 
 def get_array_module(*arrays):
-    """Return ``cupy`` if any argument is a CuPy array, else ``numpy``."""
+    """Return ``cupy`` if any argument is a CuPy array (or stands for one while ``cupy.fuse`` traces a function,
+    see ``fuse``), else ``numpy``."""
     if _cupy is not None:
-        for a in arrays:
-            if isinstance(a, _cupy.ndarray):
-                return _cupy
+        return _cupy.get_array_module(*arrays)
     return np
 
 
@@ -92,6 +93,50 @@ def can_read(x) -> bool:
         except Exception:                            # a query the driver refuses: play safe, read nothing
             return False
     return not getattr(x, "capturing", False)
+
+
+class fuse:
+    """Decorator: ``fn``'s elementwise work as ONE GPU kernel on CuPy arrays (``cupy.fuse``); on NumPy arrays ``fn``
+    itself runs, the very same code.
+
+    For the small per-channel chains of a batch norm (``1 / sqrt(var + eps)``, running averages, the terms of its
+    backward) and elementwise chains over a whole tensor: on a GPU each operation of the chain is a kernel launch
+    that costs more than its arithmetic (and a trip to memory), fused they are one. ``fn`` takes arrays that
+    broadcast together and Python numbers, uses arithmetic, comparisons and the ufuncs of
+    ``get_array_module(array argument)`` (``where``, ``sqrt``, ``isfinite``, ...), may update an argument in place
+    (``a += b``, ``a[...] = b``) and returns an array, a tuple of them, or None; no reductions, no host reads, no
+    creation routines. Where CuPy cannot fuse it (``fuse.failures`` records why), it runs operation by operation
+    with a warning. An array type that stands for device arrays on the CPU may take the call (``fused_call``:
+    ``profiler.CountingArray`` counts it as one operation).
+    """
+
+    functions: dict = {}     # "module.name" -> every function fused so far (the tests check each on a GPU)
+    failures: dict = {}      # "module.name" -> the error with which cupy.fuse refused it
+
+    def __init__(self, fn):
+        self.fn, self.__name__, self.__doc__ = fn, fn.__name__, fn.__doc__
+        self.name = f"{fn.__module__}.{fn.__name__}"
+        self.kernel = _cupy.fuse(fn) if _cupy is not None else None   # compiled at its first call per dtypes
+        fuse.functions[self.name] = self
+
+    def __call__(self, *args):
+        for a in args:                            # (CuPy arrays and stand-ins for them are never mixed)
+            if is_cuda_array(a):
+                return self._on_gpu(args)
+            hook = getattr(type(a), "fused_call", None)
+            if hook is not None:
+                return hook(self.fn, args)
+        return self.fn(*args)
+
+    def _on_gpu(self, args):
+        if self.kernel is not None:
+            try:
+                return self.kernel(*args)
+            except Exception as error:            # raised while tracing or compiling: nothing has run yet
+                self.kernel, fuse.failures[self.name] = None, error
+                warnings.warn(f"{self.name}: cupy.fuse could not fuse it ({type(error).__name__}: {error}); "
+                              f"it runs operation by operation", RuntimeWarning, stacklevel=3)
+        return self.fn(*args)
 
 
 def synchronize(x=None) -> None:

@@ -126,8 +126,8 @@ class CountingArray(np.ndarray):
     """A NumPy array that counts the operations made on it, in ``CountingArray.counts`` (name -> calls).
 
     Counted: ufunc calls (arithmetic, comparisons, ``matmul``, and reductions such as ``sum``), array functions
-    (``einsum``, ``where``, ...), ``a[...] = b``, gathers ``a[index_array]`` and ``copy``/``astype``: what a GPU runs
-    as a kernel each. Not counted: creation (``empty``, ``zeros``), views, reshapes, and the assignment of a view to
+    (``einsum``, ``where``, ...), ``a[...] = b``, gathers ``a[index_array]``, ``copy``/``astype``, and a call of a
+    ``backend.fuse`` function as one: what a GPU runs as a kernel each. Not counted: creation (``empty``, ``zeros``), views, reshapes, and the assignment of a view to
     itself that ``a[k] += b`` ends with (CuPy and NumPy skip it). Host reads of a value (``bool(a)``, ``float(a)``,
     ``a.item()``), each a synchronisation on a GPU, go to ``CountingArray.syncs``. Results of counted operations are
     ``CountingArray`` again, so a model whose parameters, buffers and input are one counts its whole step;
@@ -138,6 +138,7 @@ class CountingArray(np.ndarray):
     counts: Counter = Counter()
     syncs: Counter = Counter()   # reads of a value on the host (bool, float, int, item): a GPU waits for its queue
     capturing = False            # True: backend.can_read says no, code takes a CUDA graph capture's path
+    inside = 0                   # > 0 while an array function runs: the operations it makes are not counted again
     launch_bound = True          # backend.launch_bound: code takes a GPU's paths (gather convs, whole-buffer steps)
 
     def __bool__(self):
@@ -157,7 +158,7 @@ class CountingArray(np.ndarray):
         return super().item(*args)
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        CountingArray.counts[f"{ufunc.__name__}.{method}" if method != "__call__" else ufunc.__name__] += 1
+        _count(f"{ufunc.__name__}.{method}" if method != "__call__" else ufunc.__name__)
         inputs = tuple(_plain(a) for a in inputs)
         if "out" in kwargs:
             kwargs["out"] = tuple(_plain(a) for a in kwargs["out"])
@@ -167,33 +168,55 @@ class CountingArray(np.ndarray):
         return _counting(result)
 
     def __array_function__(self, func, types, args, kwargs):
-        if func.__name__ != "empty_like":               # allocation only: no kernel
-            CountingArray.counts[func.__name__] += 1
-        result = super().__array_function__(func, types, args, kwargs)
+        if func.__name__ not in _NO_KERNEL:
+            _count(func.__name__)
+        CountingArray.inside += 1                   # what it does inside (np.clip calls a ufunc) is this one operation
+        try:
+            result = super().__array_function__(func, types, args, kwargs)
+        finally:
+            CountingArray.inside -= 1
         return tuple(_counting(r) for r in result) if isinstance(result, tuple) else _counting(result)
 
     def __getitem__(self, key):
         if _advanced(key):                           # a gather (fancy indexing) copies: a kernel; a slice is a view
-            CountingArray.counts["take"] += 1
+            _count("take")
         return super().__getitem__(key)
 
     def __setitem__(self, key, value):
         if not _same_view(self, key, value):        # a[k] += b assigns a[k] to itself: CuPy (and NumPy) skip that
-            CountingArray.counts["setitem"] += 1
+            _count("setitem")
         super().__setitem__(key, value)
 
     def mean(self, *args, out=None, **kwargs):
-        CountingArray.counts["mean"] += 1           # one reduction kernel on a GPU (CuPy divides as it sums)
+        _count("mean")                   # one reduction kernel on a GPU (CuPy divides as it sums)
         result = np.ndarray.mean(self.view(np.ndarray), *args, out=_plain(out), **kwargs)
         return out if out is not None else _counting(result)
 
+    @staticmethod
+    def fused_call(fn, args):
+        """A ``backend.fuse`` function called with counting arrays: one operation (one fused kernel on a GPU), its
+        parts uncounted; the arrays it returns count again."""
+        _count("fused")
+        result = fn(*(_plain(a) for a in args))
+        return tuple(_counting(r) for r in result) if isinstance(result, tuple) else _counting(result)
+
     def copy(self, *args, **kwargs):
-        CountingArray.counts["copy"] += 1
+        _count("copy")
         return super().copy(*args, **kwargs)
 
     def astype(self, *args, **kwargs):
-        CountingArray.counts["astype"] += 1
+        _count("astype")
         return super().astype(*args, **kwargs)
+
+
+# array functions that make views or allocate only: no kernel
+_NO_KERNEL = frozenset({"empty_like", "broadcast_to", "split", "array_split", "swapaxes", "transpose", "squeeze",
+                        "expand_dims", "moveaxis"})
+
+
+def _count(name: str) -> None:
+    if not CountingArray.inside:
+        CountingArray.counts[name] += 1
 
 
 def _advanced(key) -> bool:
@@ -235,7 +258,7 @@ def counting_creation():
             source = args[0] if args else kwargs.get("a")
             copied = name == "ascontiguousarray" and not np.may_share_memory(out, np.asarray(source))
             if name in ("zeros", "ones", "full") or copied:
-                CountingArray.counts[name] += 1
+                _count(name)
             return _counting(out)
         return created
     for name, make in saved.items():

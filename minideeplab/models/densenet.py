@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import can_read, get_array_module
+from ..backend import can_read, fuse, get_array_module
 from ..nn import AvgPool2d, BatchNorm2d, Conv2d, Identity, MaxPool2d, Module, ReLU, Sequential
 from ..nn.functional import check_input
 from ..nn.fused import BNReLUConv1x1
@@ -250,8 +250,7 @@ class DenseBlock(Module):
             sg, scale, mean_d, k = layer.backward_terms(own)
             grad[:, :c] += sg
             if k is not None:       # None: this norm1 ran in eval mode (frozen batch norm), dx = scale * g
-                sum_mean[:c] += scale * mean_d
-                sum_k[:c] += scale * k
+                _add_scaled(sum_mean[:c], sum_k[:c], scale, mean_d, k)
         C0 = self.num_input_features
         if shared is not None:
             _apply_deferred(grad[:, :C0], shared.centered[:, :C0], sum_mean[:C0], sum_k[:C0])
@@ -268,9 +267,22 @@ class DenseBlock(Module):
 def _apply_deferred(g, centered, sum_mean, sum_k):
     """g -= sum_mean + sum_k * centered, per channel: the batch-mean terms of the norm1 gradients summed over
     the layers that read these channels (``DenseBlock.backward``)."""
-    t = centered * sum_k[:, None, None]
-    t += sum_mean[:, None, None]
+    _subtract_terms(g, centered, sum_mean[:, None, None], sum_k[:, None, None])
+
+
+@fuse
+def _subtract_terms(g, centered, sum_mean, sum_k):
+    """g -= sum_mean + sum_k · centered, in place (one pass on a GPU; on NumPy one temporary)."""
+    t = centered * sum_k
+    t += sum_mean
     g -= t
+
+
+@fuse
+def _add_scaled(sum_mean, sum_k, scale, mean_d, k):
+    """sum_mean += scale · mean_d and sum_k += scale · k, in place (one kernel on a GPU)."""
+    sum_mean += scale * mean_d
+    sum_k += scale * k
 
 
 class Transition(_FusedHead):

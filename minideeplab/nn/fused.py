@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import can_read, get_array_module
+from ..backend import can_read, fuse, get_array_module
 from .functional import channel_sum
 
 
@@ -35,7 +35,8 @@ def relu_of_affine(src, scale, shift, out=None):
 
     One pass: ``max(src, lo)`` when every scale is positive (``hi`` is then None: no upper bound), else ``clip``.
     Telling the two apart reads the scales on the host; where that is not allowed (``backend.can_read``: a step
-    being captured as a CUDA graph) it always takes ``clip``, with ten more small operations on (C,) vectors. A
+    being captured as a CUDA graph) it always takes ``clip`` (and ReLU's mask then compares with both bounds). The
+    per-channel work of each case is one small function (one kernel each on a GPU). A
     constant channel (scale 0, or a bound ``-shift/scale`` that overflows) is ``relu(shift)``: where ``shift > 0``
     it passes everything (z = src; its bounds are then infinite whatever the sign of the scale), elsewhere nothing
     (lo = hi = 0, z = 0, shift 0). ReLU's mask is ``lo < z < hi``; ``blocked`` is the value z takes where the
@@ -46,17 +47,31 @@ def relu_of_affine(src, scale, shift, out=None):
     """
     xp = get_array_module(src)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        bound = -shift / scale
-    finite = xp.isfinite(bound)
-    if can_read(scale) and bool((finite & (scale > 0)).all()):    # the usual case: a few small ops less
-        return xp.maximum(src, bound[:, None, None], out=out), bound, None, shift, bound
-    constant = ~finite
-    inf = xp.full_like(shift, np.inf)                  # made on the device (a host scalar would be a copy)
-    lo = xp.where(scale > 0, bound, -inf)              # overflowed bounds are -inf or +inf here, nan for 0/0
+        bound, usual = _relu_bound(scale, shift)
+        if can_read(scale) and bool(usual.all()):    # the usual case: no upper bound, nothing more to compute
+            return xp.maximum(src, bound[:, None, None], out=out), bound, None, shift, bound
+        lo, hi, shift, blocked = _clip_bounds(scale, shift, bound, np.inf, -np.inf)
+    return xp.clip(src, lo[:, None, None], hi[:, None, None], out=out), lo, hi, shift, blocked
+
+
+@fuse
+def _relu_bound(scale, shift):
+    """``(bound, usual)``: the bound -shift/scale of ``relu_of_affine`` and whether it is the usual case (scale > 0,
+    bound finite), per channel."""
+    bound = -shift / scale
+    return bound, get_array_module(bound).isfinite(bound) & (scale > 0)
+
+
+@fuse
+def _clip_bounds(scale, shift, bound, inf, minus_inf):
+    """``(lo, hi, shift, blocked)`` of ``relu_of_affine``'s general case (inf and -inf come in as numbers: a
+    constant made here would be float64 and widen the results)."""
+    xp = get_array_module(bound)
+    constant = ~xp.isfinite(bound)
+    lo = xp.where(scale > 0, bound, minus_inf)         # overflowed bounds are -inf or +inf here, nan for 0/0
     hi = xp.where(scale < 0, bound, inf)
     off = constant & (shift <= 0)                      # constant channels that pass nothing
-    lo, hi, shift = xp.where(off, 0, lo), xp.where(off, 0, hi), xp.where(off, 0, shift)
-    return xp.clip(src, lo[:, None, None], hi[:, None, None], out=out), lo, hi, shift, xp.where(constant, 0, bound)
+    return xp.where(off, 0, lo), xp.where(off, 0, hi), xp.where(off, 0, shift), xp.where(constant, 0, bound)
 
 
 class BNReLUConv1x1:
@@ -157,7 +172,7 @@ class BNReLUConv1x1:
         w = self.conv.weight.data.reshape(-1, C)
         sum_hz = (w * self.dout_z[:, :C]).sum(axis=0)
         sum_h = self.dout_z[:, C] @ w
-        sum_gc = sum_hz - self.blocked * (sum_h - sum_g)
+        sum_gc = _blocked_correction(sum_hz, self.blocked, sum_h, sum_g)
         if not self.norm.batch_stats:        # eval: src = x, centered = x - running mean
             sum_gc = sum_gc - self.norm.running_mean * sum_g
         return sum_g, sum_gc
@@ -182,3 +197,9 @@ class BNReLUConv1x1:
         self.z1 = self.mask = self.lo = self.hi = self.blocked = self.scale = self.shift = None
         self.folded = self.w_scaled = None
         self.dout_z = None
+
+
+@fuse
+def _blocked_correction(sum_hz, blocked, sum_h, sum_g):
+    """sum(g · src) = sum(h · z) - v · (sum(h) - sum(g)) per channel (``BNReLUConv1x1.norm_sums``)."""
+    return sum_hz - blocked * (sum_h - sum_g)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import fuse, get_array_module
 from .functional import channel_mean, channel_sum, check_dtype, check_input
 from .module import Module, Parameter
 
@@ -61,9 +61,7 @@ class BatchNorm2d(Module):
         """``stats``: optionally ``(centered, mean, var)`` of ``x`` already computed by the caller (``batch_statistics``;
         a dense block shares them between its layers). Used in training mode only."""
         src, scale, shift = self.affine_map(x, stats)
-        out = src * scale[:, None, None]
-        out += shift[:, None, None]
-        return out
+        return _affine(src, scale[:, None, None], shift[:, None, None])
 
     def affine_map(self, x, stats=None):
         """Everything ``forward`` does but the two elementwise passes: ``(src, scale, shift)`` with
@@ -91,25 +89,18 @@ class BatchNorm2d(Module):
             raise ValueError(f"BatchNorm2d: stats must be (centered {tuple(x.shape)}, mean ({x.shape[1]},), var), "
                              f"got centered {tuple(stats[0].shape)} and mean {tuple(stats[1].shape)}")
         centered, mean, var = batch_statistics(x) if stats is None else stats
-        m = self.momentum
-        self.running_mean *= 1 - m              # in place: (1 - m) * running + m * batch
-        self.running_mean += m * mean
-        self.running_var *= 1 - m
-        self.running_var += (m * n / (n - 1)) * var     # unbiased; the factor is one number: one operation
+        m = self.momentum                       # the variance's running average is of the unbiased one
+        self.inv_std, self.scale = _train_statistics(mean, var, self.running_mean, self.running_var,
+                                                     self.weight.data if self.affine else None, m, m * n / (n - 1),
+                                                     self.eps)
         self.num_batches_tracked += 1
-        inv_std = 1.0 / xp.sqrt(var + self.eps)
-        self.scale = inv_std * self.weight.data if self.affine else inv_std
-        self.x, self.centered, self.inv_std, self.batch_stats = None, centered, inv_std, True
-        return centered, self.scale, self._beta()
+        self.x, self.centered, self.batch_stats = None, centered, True
+        return centered, self.scale, self.bias.data if self.affine else xp.zeros_like(self.running_mean)
 
     def eval_affine(self):
         """``(inv_std, scale, shift)`` of the eval-mode map ``scale * x + shift`` (running statistics); no cache."""
-        inv_std = 1.0 / get_array_module(self.running_var).sqrt(self.running_var + self.eps)
-        scale = inv_std * self.weight.data if self.affine else inv_std
-        return inv_std, scale, self._beta() - self.running_mean * scale
-
-    def _beta(self):
-        return self.bias.data if self.affine else get_array_module(self.running_mean).zeros_like(self.running_mean)
+        return _eval_affine(self.running_mean, self.running_var, self.weight.data if self.affine else None,
+                            self.bias.data if self.affine else None, self.eps)
 
     def backward(self, dout, sums=None):
         """``sums``: as in ``backward_terms`` (the two per-channel sums, when the caller has them)."""
@@ -118,11 +109,7 @@ class BatchNorm2d(Module):
             # eval: statistics are constants, so dL/dx = dout * gamma / sqrt(var + eps)
             return dout * scale[:, None, None]
         # train: dL/dx = gamma/sigma * (dout - mean(dout) - xhat * mean(dout * xhat)), means over (N, H, W)
-        dx = self.centered * k[:, None, None]
-        dx += mean_d[:, None, None]
-        get_array_module(dx).subtract(dout, dx, out=dx)
-        dx *= scale[:, None, None]
-        return dx
+        return _batch_norm_dx(dout, self.centered, mean_d[:, None, None], k[:, None, None], scale[:, None, None])
 
     def backward_terms(self, dout, scaled: bool = False, sums=None):
         """Accumulate dL/dgamma and dL/dbeta; return per-channel ``(scale, mean_d, k)`` such that
@@ -159,10 +146,57 @@ class BatchNorm2d(Module):
             self.weight.accumulate(sum_dxhat)
         if not self.batch_stats:
             return scale, None, None
-        return scale, sum_d / n, inv_std * sum_dxhat / n
+        return (scale, *_backward_means(sum_d, sum_dxhat, inv_std, float(n)))
 
     def _clear_cache(self):
         self.x = self.centered = self.inv_std = self.scale = None
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+
+
+# The per-channel arithmetic of the layer, each one kernel on a GPU (backend.fuse; on NumPy the code as it reads)
+
+@fuse
+def _train_statistics(mean, var, running_mean, running_var, weight, momentum, var_momentum, eps):
+    """A training forward's per-channel work: the running averages updated in place (``running = (1 - m) * running
+    + m * batch``; the variance's weight ``m·n/(n-1)`` makes it unbiased) and ``(inv_std, scale)``, inv_std =
+    1 / sqrt(var + eps), scale = weight · inv_std (inv_std if weight is None)."""
+    running_mean *= 1 - momentum
+    running_mean += momentum * mean
+    running_var *= 1 - momentum
+    running_var += var_momentum * var
+    inv_std = 1.0 / get_array_module(var).sqrt(var + eps)
+    return inv_std, inv_std if weight is None else inv_std * weight
+
+
+@fuse
+def _eval_affine(running_mean, running_var, weight, bias, eps):
+    """``(inv_std, scale, shift)`` of eval's ``scale · x + shift`` (weight and bias None: 1 and 0)."""
+    inv_std = 1.0 / get_array_module(running_var).sqrt(running_var + eps)
+    scale = inv_std if weight is None else inv_std * weight
+    return inv_std, scale, -(running_mean * scale) if bias is None else bias - running_mean * scale
+
+
+@fuse
+def _affine(src, scale, shift):
+    """src · scale + shift (per channel: scale and shift (C, 1, 1))."""
+    out = src * scale
+    out += shift
+    return out
+
+
+@fuse
+def _batch_norm_dx(dout, centered, mean_d, k, scale):
+    """Training's dL/dx = scale · (dout - mean_d - k · centered) (per channel: mean_d, k, scale (C, 1, 1))."""
+    dx = centered * k
+    dx += mean_d
+    get_array_module(dx).subtract(dout, dx, out=dx)
+    dx *= scale
+    return dx
+
+
+@fuse
+def _backward_means(sum_d, sum_dxhat, inv_std, n):
+    """``(mean_d, k)`` = (sum(dout) / n, inv_std · sum(dout · xhat) / n) per channel, n values each."""
+    return sum_d / n, inv_std * sum_dxhat / n

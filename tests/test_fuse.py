@@ -1,0 +1,130 @@
+"""``backend.fuse``: a function's elementwise chain as one GPU kernel, the same code on NumPy.
+
+Every fused function of the package is run here on the test's backend and compared with the plain function on
+NumPy: outputs, their dtypes, and the arguments it updates in place. On NumPy this checks that the decorator passes
+the call through; on a GPU it checks CuPy's kernel (and that CuPy fused it at all: ``fuse.failures`` stays empty).
+"""
+import numpy as np
+import pytest
+
+import minideeplab.models.densenet  # noqa: F401  (registers its fused functions)
+import minideeplab.nn.fused  # noqa: F401
+import minideeplab.nn.norm  # noqa: F401
+from minideeplab.backend import fuse, to_numpy
+from minideeplab.profiler import CountingArray
+
+C = 5
+SCALES = [0.7, -1.3, 0.0, 1e-39, 2.0]       # positive, negative, zero, so small that -shift/scale overflows
+SHIFTS = [0.4, -0.2, -0.5, 0.8, 0.0]
+
+
+def _bounds(scales, shifts, dtype):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return -np.array(shifts, dtype=dtype) / np.array(scales, dtype=dtype)
+
+
+def _cases(rng, dtype):
+    """name -> (arguments, indices of the arguments it updates in place)."""
+    def vec(low=-1.0, high=1.0):
+        return rng.uniform(low, high, C).astype(dtype)
+
+    def tensor():
+        return rng.standard_normal((2, C + 3, 4, 3)).astype(dtype)[:, :C]    # a channel-prefix view, as in a block
+
+    def col():
+        return vec()[:, None, None]
+
+    n = 2 * 4 * 3
+    block = vec(), vec()                   # a dense block's two sums, updated through prefix views
+    return {
+        "minideeplab.nn.norm._train_statistics": ((vec(), vec(0.1, 2), vec(), vec(0.5, 1.5), vec(), 0.1,
+                                                   0.1 * n / (n - 1), 1e-5), (2, 3)),
+        "minideeplab.nn.norm._eval_affine": ((vec(), vec(0.5, 1.5), vec(), vec(), 1e-5), ()),
+        "minideeplab.nn.norm._affine": ((tensor(), col(), col()), ()),
+        "minideeplab.nn.norm._batch_norm_dx": ((tensor(), tensor(), col(), col(), col()), ()),
+        "minideeplab.nn.norm._backward_means": ((vec(), vec(), vec(0.5, 2), float(n)), ()),
+        "minideeplab.nn.fused._relu_bound": ((np.array(SCALES, dtype=dtype), np.array(SHIFTS, dtype=dtype)), ()),
+        "minideeplab.nn.fused._clip_bounds": ((np.array(SCALES, dtype=dtype), np.array(SHIFTS, dtype=dtype),
+                                               _bounds(SCALES, SHIFTS, dtype), np.inf, -np.inf), ()),
+        "minideeplab.nn.fused._blocked_correction": ((vec(), vec(), vec(), vec()), ()),
+        "minideeplab.models.densenet._subtract_terms": ((tensor(), tensor(), col(), col()), (0,)),
+        "minideeplab.models.densenet._add_scaled": ((block[0][:3], block[1][:3], vec()[:3], vec()[:3], vec()[:3]),
+                                                    (0, 1)),
+    }
+
+
+def _on(xp, a):
+    """``a`` on the backend of ``xp``, keeping a view's strides (a copy of its base, viewed alike)."""
+    if not isinstance(a, np.ndarray) or xp is np:
+        return a.copy() if isinstance(a, np.ndarray) else a
+    base = a.base if a.base is not None else a
+    offset = (a.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // a.itemsize
+    moved = xp.asarray(base).reshape(-1)[offset:]
+    return xp.lib.stride_tricks.as_strided(moved, shape=a.shape, strides=a.strides)
+
+
+def test_every_fused_function_has_a_case():
+    assert set(fuse.functions) == set(_cases(np.random.default_rng(0), np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", sorted(_cases(np.random.default_rng(0), np.float32)))
+def test_fused_function_matches_the_plain_one(xp, name, dtype):
+    args, updated = _cases(np.random.default_rng(7), dtype)[name]
+    function = fuse.functions[name]
+    expected_args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        expected = function.fn(*expected_args)
+        moved = [_on(xp, a) for a in args]
+        got = function(*moved)
+    assert name not in fuse.failures
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    got = got if isinstance(got, tuple) else (got,)
+    tol = dict(rtol=2e-6, atol=1e-7) if dtype == np.float32 else dict(rtol=1e-14, atol=1e-300)
+    for e, g in zip(expected, got, strict=True):
+        if e is None:
+            assert g is None
+            continue
+        assert g.dtype == e.dtype and g.shape == e.shape
+        np.testing.assert_allclose(to_numpy(g), e, **tol)
+    for i in updated:
+        np.testing.assert_allclose(to_numpy(moved[i]), expected_args[i], **tol)
+        assert not np.array_equal(expected_args[i], args[i])        # it was updated indeed
+
+
+@pytest.mark.parametrize("weight", [True, False], ids=["affine", "no_affine"])
+def test_batch_norm_tails_without_weight_or_bias(xp, weight):
+    """None stands for a missing weight (scale = inv_std) and bias (shift = -running_mean * scale)."""
+    rng = np.random.default_rng(3)
+    rm, rv = rng.uniform(-1, 1, C), rng.uniform(0.5, 1.5, C)
+    w, b = (rng.uniform(0.5, 1.5, C), rng.uniform(-1, 1, C)) if weight else (None, None)
+    inv_std, scale, shift = fuse.functions["minideeplab.nn.norm._eval_affine"](
+        *[None if a is None else xp.asarray(a) for a in (rm, rv, w, b)], 1e-5)
+    want_inv = 1 / np.sqrt(rv + 1e-5)
+    want_scale = want_inv * (w if weight else 1)
+    np.testing.assert_allclose(to_numpy(inv_std), want_inv, rtol=1e-14)
+    np.testing.assert_allclose(to_numpy(scale), want_scale, rtol=1e-14)
+    np.testing.assert_allclose(to_numpy(shift), (b if weight else 0) - rm * want_scale, rtol=1e-14, atol=1e-15)
+
+
+def test_a_fused_call_counts_as_one_operation():
+    """CountingArray takes the call (``fused_call``): one operation, what it updates in place is updated, what it
+    returns counts again."""
+    rng = np.random.default_rng(0)
+    a, b, c, d = (rng.standard_normal(C).view(CountingArray) for _ in range(4))
+    CountingArray.counts.clear()
+    out = fuse.functions["minideeplab.nn.fused._blocked_correction"](a, b, c, d)
+    assert dict(CountingArray.counts) == {"fused": 1}
+    assert type(out) is CountingArray
+    np.testing.assert_allclose(np.asarray(out), np.asarray(a) - np.asarray(b) * (np.asarray(c) - np.asarray(d)))
+    sm, sk = np.zeros(C).view(CountingArray), np.zeros(C).view(CountingArray)
+    CountingArray.counts.clear()
+    assert fuse.functions["minideeplab.models.densenet._add_scaled"](sm[:3], sk[:3], a[:3], b[:3], c[:3]) is None
+    assert dict(CountingArray.counts) == {"fused": 1}
+    np.testing.assert_allclose(np.asarray(sm[:3]), np.asarray(a[:3] * b[:3]).view(np.ndarray))
+    assert not np.any(np.asarray(sm[3:]))
+
+
+def test_fuse_keeps_the_function_s_name_and_doc():
+    f = fuse.functions["minideeplab.nn.norm._affine"]
+    assert f.__name__ == "_affine" and "scale" in f.__doc__
