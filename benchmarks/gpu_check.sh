@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One-shot GPU check for a lent device machine (CuPy + CUDA PyTorch preinstalled, no network), most important first:
-#   0. the CUDA graph tests alone (tests/test_graph.py on CuPy: a capture that fails shows its traceback here, early);
+#   0. the CUDA graph and kernel fusion tests alone (tests/test_graph.py, tests/test_fuse.py on CuPy: a capture
+#      that fails shows its traceback here, early; every backend.fuse function against the plain one, and whether
+#      CuPy fused it at all);
 #   1. the model benchmark at OS 16 (the row) with our steps replayed as a captured CUDA graph, against
 #      PyTorch CUDA (eager), no profile;
 #   2. the same, ours only, with the k x k convs forced to kn2row (the CPU's path, the GPU's default until this
 #      round) instead of "gather", which "auto" now picks on a GPU for its fewer array operations (count_ops.py:
-#      6896 per eager training step against 9657);
+#      3934 per eager training step against 6756);
 #   3. the same row with our steps run eagerly (default paths), against PyTorch, with the per-layer-type profile;
 #   4. the test suite on CuPy (every test parametrised by the xp/device fixture, CuPy half only; tests/test_graph.py
 #      checks that graph replays train exactly as eager steps do, and shows the traceback if a capture fails);
@@ -26,14 +28,14 @@ run() {   # run NAME TIMEOUT command...: output to $OUT/NAME.txt, then its exit 
     timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
     echo "$name exit $? in $(( $(date +%s) - start )) s" >> "$OUT/$name.txt"
 }
-run pytest_graph "${GRAPH_TEST_TIMEOUT:-40}" python3 -m pytest -q -p no:cacheprovider -k "cupy or cuda" \
-    tests/test_graph.py
+run pytest_graph "${GRAPH_TEST_TIMEOUT:-70}" python3 -m pytest -q -p no:cacheprovider -k "cupy or cuda" \
+    tests/test_graph.py tests/test_fuse.py
 run bench_cuda_graph "${GRAPH_TIMEOUT:-110}" python3 -m minideeplab.bench --device cuda --os 16 --cuda-graph \
     --no-profile --out "$OUT/graph"
-run bench_cuda_graph_kn2row "${KN2ROW_TIMEOUT:-60}" python3 -m minideeplab.bench --device cuda --os 16 --cuda-graph \
+run bench_cuda_graph_kn2row "${KN2ROW_TIMEOUT:-45}" python3 -m minideeplab.bench --device cuda --os 16 --cuda-graph \
     --no-torch --no-profile --conv-algorithm kn2row --out "$OUT/graph_kn2row"
 run bench_cuda "${BENCH_TIMEOUT:-130}" python3 -m minideeplab.bench --device cuda --os 16 --out "$OUT"
-run pytest_cupy "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider -k "cupy or cuda" tests \
+run pytest_cupy "${TEST_TIMEOUT:-165}" python3 -m pytest -q -p no:cacheprovider -k "cupy or cuda" tests \
     --ignore=tests/test_notebooks.py
 # the demo's configuration (DenseNet121, OS 16, 8 images of 128 px, AdamW), 40 steps, timed per step
 run train_cuda "${TRAIN_TIMEOUT:-60}" python3 -m minideeplab.cli train --device cuda --model densenet121 \

@@ -32,7 +32,10 @@ def get_array_module(*arrays):
     """Return ``cupy`` if any argument is a CuPy array (or stands for one while ``cupy.fuse`` traces a function,
     see ``fuse``), else ``numpy``."""
     if _cupy is not None:
-        return _cupy.get_array_module(*arrays)
+        for a in arrays:
+            if isinstance(a, _cupy.ndarray):
+                return _cupy
+        return _cupy.get_array_module(*arrays)      # knows the stand-ins of cupy.fuse's tracing too
     return np
 
 

@@ -128,3 +128,65 @@ def test_a_fused_call_counts_as_one_operation():
 def test_fuse_keeps_the_function_s_name_and_doc():
     f = fuse.functions["minideeplab.nn.norm._affine"]
     assert f.__name__ == "_affine" and "scale" in f.__doc__
+
+
+class _FakeCupy:
+    """Stands for CuPy in ``backend`` (its arrays: a NumPy subclass), with a ``fuse`` that refuses or that records."""
+
+    class ndarray(np.ndarray):
+        pass
+
+    def __init__(self, refuse):
+        self.refuse, self.calls = refuse, 0
+
+    def fuse(self, fn):
+        def kernel(*args):
+            if self.refuse:
+                raise TypeError("cannot fuse this")
+            self.calls += 1
+            return fn(*args)
+        return kernel
+
+    @staticmethod
+    def get_array_module(*arrays):
+        return np
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    from minideeplab import backend
+    monkeypatch.setattr(fuse, "functions", {})
+    monkeypatch.setattr(fuse, "failures", {})
+
+    def install(refuse):
+        fake = _FakeCupy(refuse)
+        monkeypatch.setattr(backend, "_cupy", fake)
+        return fake
+    return install
+
+
+def _double_into(a, b):
+    b[...] = 2 * a
+    return a + b
+
+
+def test_a_function_cupy_cannot_fuse_runs_op_by_op_with_a_warning(fake_cupy):
+    fake_cupy(refuse=True)
+    f = fuse(_double_into)
+    a, b = np.ones(3).view(_FakeCupy.ndarray), np.zeros(3).view(_FakeCupy.ndarray)
+    with pytest.warns(RuntimeWarning, match="could not fuse"):
+        out = f(a, b)
+    np.testing.assert_array_equal(out, 3.0)
+    np.testing.assert_array_equal(b, 2.0)                   # the plain function ran once, in full
+    assert isinstance(fuse.failures[f.name], TypeError) and f.kernel is None
+    np.testing.assert_array_equal(f(a, b), 3.0)             # from then on: plain, without another warning
+
+
+def test_a_fused_function_runs_cupy_s_kernel_on_device_arrays_only(fake_cupy):
+    fake = fake_cupy(refuse=False)
+    f = fuse(_double_into)
+    assert fuse.functions == {f.name: f}
+    f(np.ones(3), np.zeros(3))                              # NumPy arrays: the function itself
+    assert fake.calls == 0
+    f(np.ones(3).view(_FakeCupy.ndarray), np.zeros(3).view(_FakeCupy.ndarray))
+    assert fake.calls == 1 and not fuse.failures
