@@ -7,7 +7,7 @@
 #      PyTorch CUDA (eager), no profile;
 #   2. the same, ours only, with the k x k convs forced to kn2row (the CPU's path, the GPU's default until this
 #      round) instead of "gather", which "auto" now picks on a GPU for its fewer array operations (count_ops.py:
-#      3934 per eager training step against 6756);
+#      3812 per eager training step against 6634);
 #   3. the same row with our steps run eagerly (default paths), against PyTorch, with the per-layer-type profile;
 #   4. the test suite on CuPy (every test parametrised by the xp/device fixture, CuPy half only; tests/test_graph.py
 #      checks that graph replays train exactly as eager steps do, and shows the traceback if a capture fails);

@@ -34,6 +34,9 @@ def _cases(rng, dtype):
     def col():
         return vec()[:, None, None]
 
+    def mat():
+        return rng.standard_normal((4, C)).astype(dtype)
+
     n = 2 * 4 * 3
     block = vec(), vec()                   # a dense block's two sums, updated through prefix views
     return {
@@ -47,6 +50,8 @@ def _cases(rng, dtype):
         "minideeplab.nn.fused._clip_bounds": ((np.array(SCALES, dtype=dtype), np.array(SHIFTS, dtype=dtype),
                                                _bounds(SCALES, SHIFTS, dtype), np.inf, -np.inf), ()),
         "minideeplab.nn.fused._blocked_correction": ((vec(), vec(), vec(), vec()), ()),
+        "minideeplab.nn.fused._weight_grad": ((mat(), mat()[:, :1], vec(), vec(), None), ()),
+        "minideeplab.nn.fused._weight_grad/into": ((mat(), mat()[:, :1], vec(), vec(), mat()), (4,)),
         "minideeplab.models.densenet._subtract_terms": ((tensor(), tensor(), col(), col()), (0,)),
         "minideeplab.models.densenet._add_scaled": ((block[0][:3], block[1][:3], vec()[:3], vec()[:3], vec()[:3]),
                                                     (0, 1)),
@@ -64,14 +69,14 @@ def _on(xp, a):
 
 
 def test_every_fused_function_has_a_case():
-    assert set(fuse.functions) == set(_cases(np.random.default_rng(0), np.float32))
+    assert set(fuse.functions) == {name.split("/")[0] for name in _cases(np.random.default_rng(0), np.float32)}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", sorted(_cases(np.random.default_rng(0), np.float32)))
 def test_fused_function_matches_the_plain_one(xp, name, dtype):
     args, updated = _cases(np.random.default_rng(7), dtype)[name]
-    function = fuse.functions[name]
+    function = fuse.functions[name.split("/")[0]]           # "name/variant": the same function, other arguments
     expected_args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         expected = function.fn(*expected_args)

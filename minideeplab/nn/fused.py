@@ -142,8 +142,7 @@ class BNReLUConv1x1:
         # is the column the ones channel adds to sum_n dout_n · [z; 1]_n^T
         g = self.dout_z = xp.matmul(d2, z1.transpose(0, 2, 1)).sum(axis=0)
         out = self.conv.weight.grad_out((F, C))      # the step's first gradient goes straight into grad
-        dw = xp.multiply(g[:, :C], self.scale, out=out)
-        dw += xp.outer(g[:, C], self.shift)
+        dw = _weight_grad(g[:, :C], g[:, C:], self.scale, self.shift, out)
         if out is None:
             self.conv.weight.accumulate(dw.reshape(self.conv.weight.shape))
         # dL/d(bn output) = (W^T · dout) where the ReLU passed its input (lo < z < hi), else 0
@@ -203,3 +202,13 @@ class BNReLUConv1x1:
 def _blocked_correction(sum_hz, blocked, sum_h, sum_g):
     """sum(g · src) = sum(h · z) - v · (sum(h) - sum(g)) per channel (``BNReLUConv1x1.norm_sums``)."""
     return sum_hz - blocked * (sum_h - sum_g)
+
+
+@fuse
+def _weight_grad(g_z, g_ones, scale, shift, out):
+    """dL/dW = (sum_n dout_n · z_n^T)·s + (sum of dout) ⊗ b (g_ones: the ones channel's column, (F, 1)), written
+    into ``out`` if it is an array, else returned."""
+    dw = g_z * scale + g_ones * shift
+    if out is None:
+        return dw
+    out[...] = dw
