@@ -127,8 +127,9 @@ class CountingArray(np.ndarray):
 
     Counted: ufunc calls (arithmetic, comparisons, ``matmul``, and reductions such as ``sum``), array functions
     (``einsum``, ``where``, ...), ``a[...] = b``, gathers ``a[index_array]``, ``copy``/``astype``, and a call of a
-    ``backend.fuse`` function as one: what a GPU runs as a kernel each. Not counted: creation (``empty``, ``zeros``), views, reshapes, and the assignment of a view to
-    itself that ``a[k] += b`` ends with (CuPy and NumPy skip it). Host reads of a value (``bool(a)``, ``float(a)``,
+    ``backend.fuse`` function as one: what a GPU runs as a kernel each. Not counted: creation (``empty``,
+    ``zeros``), views, reshapes, what an array function does inside it, and the assignment of a view to itself that
+    ``a[k] += b`` ends with (CuPy and NumPy skip it). Host reads of a value (``bool(a)``, ``float(a)``,
     ``a.item()``), each a synchronisation on a GPU, go to ``CountingArray.syncs``. Results of counted operations are
     ``CountingArray`` again, so a model whose parameters, buffers and input are one counts its whole step;
     ``benchmarks/count_ops.py`` does that to estimate a training step's kernel launches on the CPU. With
@@ -162,10 +163,7 @@ class CountingArray(np.ndarray):
         inputs = tuple(_plain(a) for a in inputs)
         if "out" in kwargs:
             kwargs["out"] = tuple(_plain(a) for a in kwargs["out"])
-        result = getattr(ufunc, method)(*inputs, **kwargs)
-        if isinstance(result, tuple):
-            return tuple(_counting(r) for r in result)
-        return _counting(result)
+        return _counting_all(getattr(ufunc, method)(*inputs, **kwargs))
 
     def __array_function__(self, func, types, args, kwargs):
         if func.__name__ not in _NO_KERNEL:
@@ -175,7 +173,7 @@ class CountingArray(np.ndarray):
             result = super().__array_function__(func, types, args, kwargs)
         finally:
             CountingArray.inside -= 1
-        return tuple(_counting(r) for r in result) if isinstance(result, tuple) else _counting(result)
+        return _counting_all(result)
 
     def __getitem__(self, key):
         if _advanced(key):                           # a gather (fancy indexing) copies: a kernel; a slice is a view
@@ -188,7 +186,7 @@ class CountingArray(np.ndarray):
         super().__setitem__(key, value)
 
     def mean(self, *args, out=None, **kwargs):
-        _count("mean")                   # one reduction kernel on a GPU (CuPy divides as it sums)
+        _count("mean")                              # one reduction kernel on a GPU (CuPy divides as it sums)
         result = np.ndarray.mean(self.view(np.ndarray), *args, out=_plain(out), **kwargs)
         return out if out is not None else _counting(result)
 
@@ -197,8 +195,7 @@ class CountingArray(np.ndarray):
         """A ``backend.fuse`` function called with counting arrays: one operation (one fused kernel on a GPU), its
         parts uncounted; the arrays it returns count again."""
         _count("fused")
-        result = fn(*(_plain(a) for a in args))
-        return tuple(_counting(r) for r in result) if isinstance(result, tuple) else _counting(result)
+        return _counting_all(fn(*(_plain(a) for a in args)))
 
     def copy(self, *args, **kwargs):
         _count("copy")
@@ -236,6 +233,11 @@ def _same_view(a, key, value) -> bool:
 
 def _plain(a):
     return a.view(np.ndarray) if isinstance(a, CountingArray) else a
+
+
+def _counting_all(result):
+    """``_counting`` of a result, or of each array of a tuple of results."""
+    return tuple(_counting(r) for r in result) if isinstance(result, tuple) else _counting(result)
 
 
 def _counting(a):

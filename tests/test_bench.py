@@ -126,6 +126,18 @@ def test_counting_array_counts_each_operation_once():
     assert dict(CountingArray.syncs) == {"float": 1, "bool": 1, "item": 1}
 
 
+def test_counting_array_counts_an_array_function_once_and_views_not_at_all():
+    """np.clip runs the clip ufunc inside, zeros_like runs copyto: one operation each, as on a GPU; split, swapaxes
+    and broadcast_to make views: none."""
+    a = np.arange(12.0).reshape(2, 6).view(CountingArray)
+    CountingArray.counts.clear()
+    c = np.clip(a, 2.0, 8.0)
+    z = np.zeros_like(a)
+    parts = np.split(a, 2, axis=1) + [np.swapaxes(a, 0, 1), np.broadcast_to(a[:1], (3, 6))]
+    assert dict(CountingArray.counts) == {"clip": 1, "zeros_like": 1}
+    assert float(c.max()) == 8.0 and not np.any(z) and all(np.shares_memory(p, a) for p in parts)
+
+
 def _load_script(name):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
