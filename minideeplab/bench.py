@@ -283,6 +283,9 @@ def _child(spec_json: str) -> int:
         os.environ.setdefault("CUPY_TF32", "0")       # CuPy's default, made explicit: no TF32 in its GEMMs
     with limit_threads(spec["threads"]):
         result = run_phase(spec)
+    if spec["framework"] == "ours":             # fused functions CuPy refused (they ran operation by operation)
+        from .backend import fuse
+        result["fuse_failures"] = {name: f"{type(e).__name__}: {e}" for name, e in fuse.failures.items()}
     print(RESULT_TAG + json.dumps(result), flush=True)
     return 0
 
@@ -351,6 +354,10 @@ def markdown(report: dict) -> str:
                      f"{_fmt(r['ours_cpu_s'])} | {_fmt(r['torch_cpu_s'])} | "
                      f"{_fmt(r['cpu_ratio'], '{:.2f}')} | {_fmt(r['ours_peak_rss_mib'], '{:.0f}')} | "
                      f"{_fmt(r['torch_peak_rss_mib'], '{:.0f}')} |")
+    refused = report["machine"].get("fuse_failures")
+    if refused:                                  # (on a GPU: more kernel launches than the code intends)
+        lines += ["", "CuPy did not fuse, so these ran operation by operation: " +
+                  "; ".join(f"{name} ({error})" for name, error in sorted(refused.items()))]
     prof = report.get("profile")
     if prof and "profile" in prof:
         lines += ["", (f"Our training step by layer type (OS {prof['output_stride']}, the fastest of the profiled "
@@ -444,6 +451,8 @@ def main(argv=None) -> int:
             row["cpu_ratio"] = (row["ours_cpu_s"] / row["torch_cpu_s"]
                                 if row["ours_cpu_s"] and row["torch_cpu_s"] else None)
             report["rows"].append(row)
+            for o, _ in rounds:
+                report["machine"].setdefault("fuse_failures", {}).update(o.get("fuse_failures", {}))
             if "gpu" in theirs:
                 report["machine"]["gpu"] = theirs["gpu"]
             print(f"  OS {os_:2d} {mode:5s}  ours {_fmt(row['ours_s'])} s  torch {_fmt(row['torch_s'])} s  "

@@ -38,6 +38,10 @@ def test_quick_bench_writes_json_and_markdown(tmp_path):
     assert sum(p["share"] for p in prof["profile"]) == pytest.approx(1.0, abs=1e-6)
     assert set(prof["gemm"]) <= {"pointwise", "kn2row", "taps", "im2col"} and "im2col" in prof["gemm"]
     assert "| 16 | train |" in md and "efficiency" in md
+    assert report["machine"]["fuse_failures"] == {} and "did not fuse" not in md       # NumPy fuses nothing
+    report["machine"]["fuse_failures"] = {"minideeplab.nn.norm._affine": "TypeError: no"}
+    assert "CuPy did not fuse, so these ran operation by operation: minideeplab.nn.norm._affine (TypeError: no)" \
+        in bench.markdown(report)
 
 
 @pytest.mark.skipif(not cuda_available(), reason="needs CuPy and a GPU")
@@ -47,6 +51,7 @@ def test_quick_bench_on_cuda(tmp_path):
     report = json.loads((tmp_path / "bench_cuda_quick.json").read_text())
     assert [r["ours_s"] > 0 for r in report["rows"]] == [True, True], report["rows"]
     assert "gemm" in report["profile"], report["profile"]
+    assert report["machine"]["fuse_failures"] == {}        # CuPy fused every backend.fuse function
     assert rc == 0, report["rows"]          # a CPU-only torch build is reported as skipped, not as an error
 
 
