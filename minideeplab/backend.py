@@ -7,6 +7,7 @@ on the GPU.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -87,8 +88,11 @@ def can_read(x) -> bool:
     cannot contain a read; outside a capture a read waits for the queued kernels, which costs less than the dozen
     extra small kernels of a general path when a step is bound by launches. Arrays that stand for device arrays on
     the CPU (``profiler.CountingArray``) answer ``not x.capturing``, so that both paths can be counted and tested.
+    Within ``as_captured()`` CuPy arrays answer False too (``cuda_graph``'s warm-up steps).
     """
     if is_cuda_array(x):
+        if _as_captured_depth:
+            return False
         if getattr(_cupy.cuda.runtime, "is_hip", False):
             return True                              # no graph capture on HIP
         try:
@@ -142,6 +146,22 @@ class fuse:
         return self.fn(*args)
 
 
+_as_captured_depth = 0
+
+
+@contextmanager
+def as_captured():
+    """Within: code takes the path it takes while a CUDA graph is captured (``can_read`` is False for CuPy arrays),
+    without capturing. ``cuda_graph`` warms up this way, so that the kernels of that path (the fused heads' general
+    bounds, ...) are compiled and loaded before the capture, which must not wait for them."""
+    global _as_captured_depth
+    _as_captured_depth += 1
+    try:
+        yield
+    finally:
+        _as_captured_depth -= 1
+
+
 def synchronize(x=None) -> None:
     """Wait for queued GPU work on every stream (for honest timings); a no-op on the CPU."""
     if _cupy is not None and (x is None or is_cuda_array(x)):
@@ -164,8 +184,9 @@ def cuda_graph(step, prepare=None, warmup: int = 2):
     goes into the step's input arrays before a replay), and use the same shapes every time. ``prepare()`` runs
     before each of the ``warmup`` steps, the captured one and every replay, on the graph's stream: the place to
     copy in what must change between replays (``Dropout.draw_ahead``). The step's temporaries come from a memory pool of its own that nothing else
-    uses, so the addresses baked into the graph stay the graph's. Needs a GPU (CuPy); the step should have run
-    once already (compiled kernels, cached shapes).
+    uses, so the addresses baked into the graph stay the graph's. The warm-up steps take the captured path
+    (``as_captured``), so that its kernels are compiled before the capture. Needs a GPU (CuPy); the step should have
+    run once already (cached shapes).
     """
     if not cuda_available():
         raise ValueError("cuda_graph: needs CuPy and a visible GPU (CUDA graphs capture GPU work only)")
@@ -173,9 +194,10 @@ def cuda_graph(step, prepare=None, warmup: int = 2):
     synchronize()                                   # what the default stream queued is done before the graph's stream
     stream, pool = _cupy.cuda.Stream(non_blocking=True), _cupy.cuda.MemoryPool()
     with stream, _cupy.cuda.using_allocator(pool.malloc):
-        for _ in range(warmup):                     # the pool grows to what a step needs, kernels are compiled
-            prepare()
-            step()
+        with as_captured():                         # the captured path: the pool grows to what a step needs, its
+            for _ in range(warmup):                 # kernels are compiled and loaded
+                prepare()
+                step()
         prepare()
         stream.synchronize()
         stream.begin_capture()

@@ -141,6 +141,32 @@ def test_cuda_graph_needs_a_gpu():
         cuda_graph(lambda: None)
 
 
+def test_as_captured_makes_device_arrays_unreadable_without_capturing(monkeypatch):
+    """``cuda_graph``'s warm-up runs ``as_captured``: device arrays answer ``can_read`` False, as while capturing,
+    so that the capture's path and its kernels run (and compile) before the capture. A stand-in CuPy here."""
+    from types import SimpleNamespace
+
+    from minideeplab import backend
+
+    class DeviceArray(np.ndarray):
+        pass
+    stream = SimpleNamespace(is_capturing=lambda: False)
+    fake = SimpleNamespace(ndarray=DeviceArray, cuda=SimpleNamespace(runtime=SimpleNamespace(is_hip=False),
+                                                                     get_current_stream=lambda: stream))
+    monkeypatch.setattr(backend, "_cupy", fake)
+    a = np.zeros(3).view(DeviceArray)
+    assert can_read(a) and can_read(np.zeros(3))
+    with backend.as_captured():
+        assert not can_read(a) and can_read(np.zeros(3))     # NumPy arrays can always be read
+        with backend.as_captured():
+            assert not can_read(a)
+        assert not can_read(a)
+    assert can_read(a)
+    with pytest.raises(RuntimeError), backend.as_captured():
+        raise RuntimeError("a failing warm-up step")
+    assert can_read(a)                                       # restored after an error too
+
+
 @pytest.mark.skipif(not cuda_available(), reason="needs CuPy and a GPU")
 def test_cuda_graph_replays_train_as_the_eager_steps():
     """Tiny DeepLabV3 with dropout, SGD with momentum: 1 eager step, 2 warm-up steps, the capture (which runs
