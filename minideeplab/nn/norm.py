@@ -128,19 +128,17 @@ class BatchNorm2d(Module):
         # dL/dgamma = sum dout * xhat, with xhat = centered * inv_std ; dL/dbeta = sum dout (dout was given times
         # scale if scaled). The step's first gradients are written straight into the parameters' grad (grad_out).
         w_out = self.weight.grad_out() if self.affine else None
+        b_out = self.bias.grad_out() if self.affine and sums is None else None    # given sums: copied in below
         if sums is not None:
             sum_d, sum_dc = sums
-            if self.affine:
-                self.bias.accumulate(sum_d)
         else:
-            b_out = self.bias.grad_out() if self.affine else None
             # an eval forward kept x instead of the centred input: rebuilt here, only when the sums need it
             centered = self.centered if self.centered is not None else self.x - self.running_mean[:, None, None]
             sum_d, sum_dc = channel_sum(dout, out=None if scaled else b_out), channel_sum(dout, centered)
             if scaled:
                 sum_d, sum_dc = xp.divide(sum_d, scale, out=b_out), sum_dc / scale
-            if self.affine and b_out is None:
-                self.bias.accumulate(sum_d)
+        if self.affine and b_out is None:
+            self.bias.accumulate(sum_d)
         sum_dxhat = xp.multiply(sum_dc, inv_std, out=w_out)
         if self.affine and w_out is None:
             self.weight.accumulate(sum_dxhat)
