@@ -102,6 +102,7 @@ class Conv2d(Module):
         self.x_shape = None   # input shape of the last forward
         self.path = None      # the algorithm the last forward used
         self.saved = None     # what that path's backward needs: the columns (im2col / pointwise) or the input
+        self.w_taps = None    # "kn2row" / "taps": the weight as forward multiplied it, one (F, C) matrix per tap
         self.gather_indices = {}  # "gather": (index, mask) on the device, per geometry (built once each)
 
     def output_shape(self, input_shape):
@@ -180,21 +181,22 @@ class Conv2d(Module):
             self.saved = cols
         elif path == "kn2row":
             taps, w_taps = self._used_taps(x.shape[2:], (Ho, Wo))
-            Y = (w_taps.reshape(-1, C) @ x.reshape(N, C, -1)).reshape(N, len(taps), F, *x.shape[2:])
+            w_taps = w_taps.reshape(-1, C)   # (T*F, C) contiguous (a copy if every tap is used), kept for backward
+            Y = (w_taps @ x.reshape(N, C, -1)).reshape(N, len(taps), F, *x.shape[2:])
             if (Ho, Wo) == tuple(x.shape[2:]):   # each tap's block, moved by its offset (flat slice adds)
                 out = sum_shifted(Y, _shifts(taps))
             else:
                 out = xp.zeros((N, F, Ho, Wo), dtype=x.dtype)
                 for t, (_, _, (oy, ox), (iy, ix)) in enumerate(taps):
                     out[:, :, oy, ox] += Y[:, t, :, iy, ix]
-            self.saved = x
+            self.saved, self.w_taps = x, w_taps
         else:  # "taps"
             w_taps = xp.ascontiguousarray(self.weight.data.transpose(2, 3, 0, 1))  # (kh, kw, F, C)
             out = xp.zeros((N, F, Ho, Wo), dtype=x.dtype)
             for i, j, (oy, ox), (iy, ix) in self._taps(x.shape[2:], (Ho, Wo)):
                 xr = x[:, :, iy, ix]
                 out[:, :, oy, ox] += (w_taps[i, j] @ xr.reshape(N, C, -1)).reshape(N, F, *xr.shape[2:])
-            self.saved = x
+            self.saved, self.w_taps = x, w_taps
         self.x_shape, self.path = x.shape, path
         if self.bias is not None:
             out += self.bias.data[:, None, None]
@@ -232,8 +234,8 @@ class Conv2d(Module):
             return dx
         H, W = self.x_shape[2:]
         if self.path == "kn2row":
-            x = self.saved
-            taps, w_taps = self._used_taps((H, W), (Ho, Wo))
+            x, w_taps = self.saved, self.w_taps
+            taps = self._taps((H, W), (Ho, Wo))
             # D[tap t] = dout moved to the input pixels tap t read (zero where it read padding)
             if (Ho, Wo) == (H, W):
                 D = stack_shifted(dout, _shifts(taps))
@@ -251,13 +253,12 @@ class Conv2d(Module):
                     self.weight.grad[:, :, i, j] += G[t]
             if not self.input_grad:
                 return None
-            return (w_taps.reshape(-1, C).T @ D).reshape(N, C, H, W)
+            return (w_taps.T @ D).reshape(N, C, H, W)
         # "taps": per tap, over the rectangle where it reads real input, dL/dW_tap = dout_rect · x_rect^T and
         # dL/dx_rect += W_tap^T · dout_rect. The rectangles are copied channel-major, (C, N*h*w), so that the batch
         # is part of the GEMMs' inner dimension: one product per tap and no per-item (F, C) results to sum
         # (ASPP rate 12 at 16x16, 2 threads: 18.8 ms against 21.0).
-        x = self.saved
-        w_taps_t = xp.ascontiguousarray(self.weight.data.transpose(2, 3, 1, 0))   # (kh, kw, C, F)
+        x, w_taps = self.saved, self.w_taps      # w_taps: (kh, kw, F, C) from forward; its (C, F) transposes are views
         dw_taps = xp.zeros((kh, kw, F, C), dtype=dout.dtype)
         dx = xp.zeros(self.x_shape, dtype=dout.dtype) if self.input_grad else None
         for i, j, (oy, ox), (iy, ix) in self._taps((H, W), (Ho, Wo)):
@@ -265,12 +266,12 @@ class Conv2d(Module):
             dr = xp.ascontiguousarray(dout[:, :, oy, ox].transpose(1, 0, 2, 3)).reshape(F, -1)
             dw_taps[i, j] = dr @ xr.reshape(C, -1).T
             if self.input_grad:
-                dx[:, :, iy, ix] += (w_taps_t[i, j] @ dr).reshape(xr.shape).transpose(1, 0, 2, 3)
+                dx[:, :, iy, ix] += (w_taps[i, j].T @ dr).reshape(xr.shape).transpose(1, 0, 2, 3)
         self.weight.accumulate(dw_taps.transpose(2, 3, 0, 1))
         return dx
 
     def _clear_cache(self):
-        self.x_shape = self.path = self.saved = None
+        self.x_shape = self.path = self.saved = self.w_taps = None
 
     def extra_repr(self):
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
