@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 
 from minideeplab import nn
 from minideeplab.backend import to_numpy
-from minideeplab.nn.functional import col2im, conv_output_size, im2col
+from minideeplab.nn.functional import col2im, conv_output_size, im2col, tap_major
+from minideeplab.profiler import CountingArray
 
 CONFIGS = [  # kernel, stride, padding, dilation, input (N, C, H, W)
     ((3, 3), (1, 1), (1, 1), (1, 1), (2, 3, 5, 6)),
@@ -154,3 +155,23 @@ def test_random_geometry_matches_naive_and_adjoint(kh, kw, s, p, d, H, W, seed):
     back = col2im(c, x.shape, k, s2, p2, d2)
     np.testing.assert_allclose(back, naive_col2im(c, x.shape, k, s2, p2, d2), rtol=1e-12, atol=1e-12)
     assert abs(np.sum(cols * c) - np.sum(x * back)) <= 1e-12 * max(1.0, np.sum(np.abs(cols * c)))
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 3, 3), (96, 100, 3, 3), (8193, 1, 3, 3), (5, 7, 2, 4), (3, 2, 1, 1)])
+def test_tap_major_is_the_weight_taps_first(shape, xp, rng):
+    """Every tap's (F, C) matrix, read straight from the weight: entry [i * kw + j, f, c] is w[f, c, i, j] (shapes
+    with F*C below, at and across the 8192-entry blocks of the NumPy copy)."""
+    w = rng.standard_normal(shape).astype(np.float32)
+    got = tap_major(xp.asarray(w))
+    assert got.shape == (shape[2] * shape[3], shape[0], shape[1]) and got.flags.c_contiguous
+    F, C, kh, kw = shape
+    for i in range(kh):
+        for j in range(kw):
+            np.testing.assert_array_equal(to_numpy(got[i * kw + j]), w[:, :, i, j])
+
+
+def test_tap_major_of_a_strided_weight(rng):
+    w = rng.standard_normal((6, 8, 3, 3))
+    np.testing.assert_array_equal(tap_major(w[::2])[4], w[::2, :, 1, 1])
+    counted = w.view(CountingArray)   # launch-bound arrays (a GPU) take one transposing copy instead of blocks
+    np.testing.assert_array_equal(np.asarray(tap_major(counted))[5], w[:, :, 1, 2])

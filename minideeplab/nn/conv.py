@@ -42,6 +42,7 @@ from .functional import (
     pair,
     stack_shifted,
     sum_shifted,
+    tap_major,
     valid_taps,
 )
 from .module import Module, Parameter
@@ -143,7 +144,7 @@ class Conv2d(Module):
             return taps, xp.zeros((0, *w.shape[:2]), dtype=w.dtype)
         F, C, kh, kw = w.shape
         if len(taps) == kh * kw:              # all of them: one transposing copy, no gather
-            return taps, w.transpose(2, 3, 0, 1).reshape(kh * kw, F, C)
+            return taps, tap_major(w)
         rows, cols = [t[0] for t in taps], [t[1] for t in taps]
         return taps, xp.ascontiguousarray(w[:, :, rows, cols].transpose(2, 0, 1))
 
@@ -181,7 +182,7 @@ class Conv2d(Module):
             self.saved = cols
         elif path == "kn2row":
             taps, w_taps = self._used_taps(x.shape[2:], (Ho, Wo))
-            w_taps = w_taps.reshape(-1, C)   # (T*F, C) contiguous (a copy if every tap is used), kept for backward
+            w_taps = w_taps.reshape(-1, C)   # (T*F, C), kept for backward
             Y = (w_taps @ x.reshape(N, C, -1)).reshape(N, len(taps), F, *x.shape[2:])
             if (Ho, Wo) == tuple(x.shape[2:]):   # each tap's block, moved by its offset (flat slice adds)
                 out = sum_shifted(Y, _shifts(taps))
@@ -191,7 +192,7 @@ class Conv2d(Module):
                     out[:, :, oy, ox] += Y[:, t, :, iy, ix]
             self.saved, self.w_taps = x, w_taps
         else:  # "taps"
-            w_taps = xp.ascontiguousarray(self.weight.data.transpose(2, 3, 0, 1))  # (kh, kw, F, C)
+            w_taps = tap_major(self.weight.data).reshape(*self.kernel_size, F, C)   # (kh, kw, F, C)
             out = xp.zeros((N, F, Ho, Wo), dtype=x.dtype)
             for i, j, (oy, ox), (iy, ix) in self._taps(x.shape[2:], (Ho, Wo)):
                 xr = x[:, :, iy, ix]

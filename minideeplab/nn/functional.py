@@ -142,6 +142,26 @@ def fold_taps(tap_values, input_shape, kernel_size, stride, padding, dilation, l
     return dxpad[:, :, ph:ph + H, pw:pw + W]
 
 
+def tap_major(w):
+    """A conv weight with its taps first, contiguous: one (F, C) matrix per kernel offset (i, j), row-major order.
+
+    On NumPy the transposing copy goes in blocks of 8192 (F, C) entries, each of whose kh*kw values stay in cache
+    while they are spread over the taps: measured 2.6x faster than one ``ascontiguousarray`` for the ASPP's
+    (256, 1024, 3, 3) weight (1.3 ms against 3.4). On a GPU one copy (one kernel).
+
+    Shapes: w: (F, C, kh, kw) -> (kh*kw, F, C).
+    """
+    xp = get_array_module(w)
+    F, C, kh, kw = w.shape
+    if launch_bound(w):
+        return xp.ascontiguousarray(w.transpose(2, 3, 0, 1)).reshape(kh * kw, F, C)
+    flat = w.reshape(F * C, kh * kw)
+    out = xp.empty((kh * kw, F * C), dtype=w.dtype)
+    for start in range(0, F * C, 8192):
+        out[:, start:start + 8192] = flat[start:start + 8192].T
+    return out.reshape(kh * kw, F, C)
+
+
 def valid_taps(kernel_size, padding, dilation, in_hw, out_hw):
     """For a stride-1 conv: each tap that reads any real input, with the rectangle where it does.
 
