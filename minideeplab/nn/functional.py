@@ -84,8 +84,16 @@ def im2col(x, kernel_size, stride=1, padding=0, dilation=1):
     Ho, Wo = conv_output_size(H, kh, s[0], p[0], d[0]), conv_output_size(W, kw, s[1], p[1], d[1])
     xpad = pad2d(x, p)
     cols = xp.empty((N, C, kh, kw, Ho, Wo), dtype=x.dtype)
-    for i, j, rows, colsl in kernel_offsets(kh, kw, s, d, Ho, Wo):
-        cols[:, :, i, j] = xpad[:, :, rows, colsl]
+    # A strided conv's tap reads every s-th pixel: a slow copy, s times over the same input. Split the padded input
+    # once into its phases (rows r, r + s, ...; contiguous copies), and each tap reads one phase at stride 1
+    # (conv0's 7x7 stride 2: 2.3 ms against 3.8). At stride 1 the one phase is the input itself.
+    phases = {}
+    for i in range(kh):
+        for j in range(kw):
+            (a, r), (b, c) = divmod(i * d[0], s[0]), divmod(j * d[1], s[1])
+            if (r, c) not in phases:
+                phases[r, c] = xp.ascontiguousarray(xpad[:, :, r::s[0], c::s[1]])
+            cols[:, :, i, j] = phases[r, c][:, :, a:a + Ho, b:b + Wo]
     return cols.reshape(N, C * kh * kw, Ho * Wo)
 
 
