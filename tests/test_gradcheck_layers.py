@@ -276,3 +276,39 @@ def test_maxpool_eval_keeps_no_argmax_and_routes_ties_like_training(xp):
     np.testing.assert_array_equal(to_device(out_eval, "cpu"), to_device(out_train, "cpu"))
     np.testing.assert_array_equal(to_device(eval_pool.backward(dout), "cpu"),
                                   to_device(train_pool.backward(dout), "cpu"))
+
+
+def naive_max_pool_backward(x, dout, k, s, p):
+    """From the definition, loops over everything: each window's first maximum in row-major order (padding never
+    wins) gets that window's dout."""
+    N, C, H, W = x.shape
+    dx = np.zeros_like(x)
+    for n in range(N):
+        for c in range(C):
+            for oh in range(dout.shape[2]):
+                for ow in range(dout.shape[3]):
+                    best = None
+                    for i in range(k[0]):
+                        for j in range(k[1]):
+                            h, w = oh * s[0] - p[0] + i, ow * s[1] - p[1] + j
+                            if 0 <= h < H and 0 <= w < W and (best is None or x[n, c, h, w] > x[n, c, best[0], best[1]]):
+                                best = (h, w)
+                    dx[n, c, best[0], best[1]] += dout[n, c, oh, ow]
+    return dx
+
+
+@pytest.mark.parametrize("k, s, p, shape", [((3, 3), (2, 2), (1, 1), (2, 3, 9, 8)), ((2, 3), (1, 2), (1, 1), (1, 2, 5, 7)),
+                                            ((12, 12), (3, 3), (0, 0), (1, 2, 16, 15))],
+                         ids=["k3_s2_p1", "k2x3_s1x2_p1", "k12_s3_144_taps"])
+def test_maxpool_routes_ties_to_the_first_maximum(k, s, p, shape, xp):
+    """Integer inputs with many ties: the gradient goes to each window's first maximum in row-major order (as
+    PyTorch), for the separable forward (row maxima, then the maximum of rows) and the scatter-add backward;
+    144 taps take the int32 labels."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 3, shape).astype(np.float32)
+    pool = nn.MaxPool2d(k, stride=s, padding=p)
+    out = pool(xp.asarray(x))
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    dx = to_device(pool.backward(xp.asarray(dout)), "cpu")
+    np.testing.assert_allclose(dx, naive_max_pool_backward(x, dout, k, s, p), rtol=1e-6, atol=1e-6)
+    assert pool.argmax.dtype == (np.int32 if k == (12, 12) else np.int8)

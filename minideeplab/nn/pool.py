@@ -21,8 +21,8 @@ class _Pool2d(Module):
     def n_taps(self) -> int:
         return self.kernel_size[0] * self.kernel_size[1]
 
-    def _windows(self, x, pad_value):
-        """Yield (tap, rows, cols, window (N, C, Ho, Wo)) for each kernel offset over the padded input."""
+    def _padded(self, x, pad_value):
+        """``(x padded, Ho, Wo)``, after checking ``x`` (and keeping its shape for backward)."""
         name = type(self).__name__
         check_input(name, x)
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
@@ -30,8 +30,13 @@ class _Pool2d(Module):
         if Ho < 1 or Wo < 1:
             raise ValueError(f"{name}: input {tuple(x.shape)} is smaller than the kernel {self.kernel_size}")
         self.x_shape = x.shape
-        xpad = pad2d(x, self.padding, pad_value)
-        for i, j, rows, cols in kernel_offsets(kh, kw, self.stride, (1, 1), Ho, Wo):
+        return pad2d(x, self.padding, pad_value), Ho, Wo
+
+    def _windows(self, x, pad_value):
+        """Yield (tap, rows, cols, window (N, C, Ho, Wo)) for each kernel offset over the padded input."""
+        kw = self.kernel_size[1]
+        xpad, Ho, Wo = self._padded(x, pad_value)
+        for i, j, rows, cols in kernel_offsets(*self.kernel_size, self.stride, (1, 1), Ho, Wo):
             yield i * kw + j, rows, cols, xpad[:, :, rows, cols]
 
     def _scatter(self, tap_grad, dout):
@@ -68,32 +73,62 @@ class MaxPool2d(_Pool2d):
         return out
 
     def _max(self, x, with_argmax: bool):
+        """``(out, argmax)``. A window's maximum is the maximum over its kh rows of each row's maximum over kw
+        columns (max is separable): kw - 1 + kh - 1 comparisons per output instead of kh·kw - 1 (3x3 stride 2 on
+        2x64x128x128: 3.6 ms against 4.8 in eval, 6.6 against 9.4 with the winners)."""
         xp = get_array_module(x)
-        out = argmax = None
-        for tap, _, _, win in self._windows(x, -xp.inf):
-            if out is None:
-                out = win.copy()
-                if with_argmax:
-                    argmax = xp.zeros(win.shape, dtype=xp.int8 if self.n_taps < 128 else xp.int32)
-            else:
-                if with_argmax:
-                    # branch-free updates: a masked copy (copyto(where=), out[mask] = ...) on a random mask is
-                    # ~10x slower than elementwise arithmetic, which mispredicts nothing
-                    better = (win > out).view(xp.int8)       # strictly greater: the first maximum wins ties
-                    argmax += better * (argmax.dtype.type(tap) - argmax)
-                xp.maximum(out, win, out=out)
-        return out, argmax
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        xpad, Ho, Wo = self._padded(x, -xp.inf)
+        label = xp.int8 if self.n_taps < 128 else xp.int32
+        # along each padded row: the maximum of the kw columns of each window, and which column j it was
+        cols = [xpad[:, :, :, j:j + sw * (Wo - 1) + 1:sw] for j in range(kw)]
+        row_max, col = _first_max(cols, [label(j) for j in range(kw)] if with_argmax else None)
+        # down the rows: the maximum of kh row maxima; the winning tap is i * kw + (the column its row chose)
+        rows = [slice(i, i + sh * (Ho - 1) + 1, sh) for i in range(kh)]
+        taps = [col[:, :, r] + label(i * kw) for i, r in enumerate(rows)] if with_argmax else None
+        return _first_max([row_max[:, :, r] for r in rows], taps)
 
     def backward(self, dout):
         if self.argmax is None and self.x is not None:     # eval forward: find the winners now
             self.argmax = self._max(self.x, with_argmax=True)[1]
         self._need(self.argmax)
-        # dL/dx = dout routed to the input that won each window (summed where windows overlap)
-        return self._scatter(lambda tap: dout * (self.argmax == tap), dout)
+        # dL/dx = dout routed to the input that won each window, summed where windows overlap: each winner's flat
+        # position in the padded input (its window's corner + its tap's offset), then one scatter-add (add.at;
+        # 3.2 ms against 9.2 for a masked product per tap)
+        xp = get_array_module(dout)
+        N, C, H, W = self.x_shape
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        Hp, Wp, (Ho, Wo) = H + 2 * ph, W + 2 * pw, dout.shape[2:]
+        tap_offset = xp.asarray([i * Wp + j for i in range(kh) for j in range(kw)], dtype=xp.int64)
+        corner = (xp.arange(Ho) * (sh * Wp))[:, None] + xp.arange(Wo) * sw          # in one (n, c) plane
+        index = tap_offset[self.argmax]
+        index += xp.arange(N * C).reshape(N, C, 1, 1) * (Hp * Wp) + corner
+        dxpad = xp.zeros(N * C * Hp * Wp, dtype=dout.dtype)
+        xp.add.at(dxpad, index.reshape(-1), dout.reshape(-1))
+        return dxpad.reshape(N, C, Hp, Wp)[:, :, ph:ph + H, pw:pw + W]
 
     def _clear_cache(self):
         super()._clear_cache()
         self.argmax = self.x = None
+
+
+def _first_max(windows, labels=None):
+    """``(maximum, label)``: the elementwise maximum of the arrays ``windows`` and, if ``labels`` is given, the label
+    of the first window that holds it (``labels[k]``: a number, or an array like the windows; None: label None).
+
+    Branch-free updates: a masked copy (copyto(where=), out[mask] = ...) on a random mask is ~10x slower than
+    elementwise arithmetic, which mispredicts nothing.
+    """
+    xp = get_array_module(windows[0])
+    out, won = windows[0].copy(), None
+    if labels is not None:
+        won = xp.empty(out.shape, dtype=labels[0].dtype)      # numpy scalars have a dtype too
+        won[...] = labels[0]
+    for k in range(1, len(windows)):
+        if labels is not None:     # strictly greater: the first maximum wins ties
+            won += (windows[k] > out).view(xp.int8) * (labels[k] - won)
+        xp.maximum(out, windows[k], out=out)
+    return out, won
 
 
 class AvgPool2d(_Pool2d):
