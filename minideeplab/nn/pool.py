@@ -99,7 +99,7 @@ class MaxPool2d(_Pool2d):
         N, C, H, W = self.x_shape
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         Hp, Wp, (Ho, Wo) = H + 2 * ph, W + 2 * pw, dout.shape[2:]
-        tap_offset = xp.asarray([i * Wp + j for i in range(kh) for j in range(kw)], dtype=xp.int64)
+        tap_offset = ((xp.arange(kh) * Wp)[:, None] + xp.arange(kw)).reshape(-1)     # made on the device: no copy
         corner = (xp.arange(Ho) * (sh * Wp))[:, None] + xp.arange(Wo) * sw          # in one (n, c) plane
         index = tap_offset[self.argmax]
         index += xp.arange(N * C).reshape(N, C, 1, 1) * (Hp * Wp) + corner
