@@ -159,3 +159,26 @@ def test_input_grad_false_skips_dx_on_every_path(algorithm):
     assert dx.shape == x.shape and conv.backward(dout) is None
     np.testing.assert_array_equal(conv.weight.grad, dw)
     np.testing.assert_array_equal(conv.bias.grad, db)
+
+
+def test_im2col_columns_are_reused_by_the_next_forward_of_the_same_shape(xp, rng):
+    """The stem's column matrix (19 MB at 256x256) is written into the last call's instead of a fresh array, and
+    each forward/backward still computes from its own input."""
+    conv = nn.Conv2d(3, 4, 7, stride=2, padding=3, rng=rng, dtype=F64, algorithm="im2col").to(
+        "cuda" if xp.__name__ == "cupy" else "cpu")
+    fresh = nn.Conv2d(3, 4, 7, stride=2, padding=3, dtype=F64, algorithm="im2col").to(
+        "cuda" if xp.__name__ == "cupy" else "cpu")
+    fresh.load_state_dict(conv.state_dict())
+    x1, x2 = (xp.asarray(rng.standard_normal((2, 3, 11, 10))) for _ in range(2))
+    conv(x1)
+    first = conv.saved
+    out = conv(x2)
+    assert conv.saved is first                       # same buffer, now x2's columns
+    dout = xp.asarray(rng.standard_normal(out.shape))
+    dx = conv.backward(dout)
+    ref_out = fresh(x2)
+    np.testing.assert_array_equal(to_numpy(out), to_numpy(ref_out))
+    np.testing.assert_array_equal(to_numpy(dx), to_numpy(fresh.backward(dout)))
+    np.testing.assert_array_equal(to_numpy(conv.weight.grad), to_numpy(fresh.weight.grad))
+    conv(xp.asarray(rng.standard_normal((2, 3, 9, 10))))     # another shape: a new array
+    assert conv.saved is not first and conv.saved.shape == (2, 3 * 49, 5 * 5)

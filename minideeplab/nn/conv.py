@@ -172,7 +172,11 @@ class Conv2d(Module):
             if path == "pointwise":
                 cols = x[:, :, ::self.stride[0], ::self.stride[1]].reshape(N, C, Ho * Wo)  # a view at stride 1
             elif path == "im2col":
-                cols = im2col(x, self.kernel_size, self.stride, self.padding, self.dilation)
+                # last call's columns (its backward is done) are overwritten: the memory of a big array that
+                # would otherwise be freed and faulted in again each step
+                reuse = self.saved if self.path == "im2col" else None
+                self.saved = None
+                cols = im2col(x, self.kernel_size, self.stride, self.padding, self.dilation, out=reuse)
             else:   # every tap's input pixel in one gather; the taps that read padding read 0
                 index, mask = self._gather(x, x.shape[2:], (Ho, Wo))
                 cols = x.reshape(N, C, -1)[:, :, index]
