@@ -260,18 +260,21 @@ class Conv2d(Module):
                 return None
             return (w_taps.T @ D).reshape(N, C, H, W)
         # "taps": per tap, over the rectangle where it reads real input, dL/dW_tap = dout_rect · x_rect^T and
-        # dL/dx_rect += W_tap^T · dout_rect. The rectangles are copied channel-major, (C, N*h*w), so that the batch
-        # is part of the GEMMs' inner dimension: one product per tap and no per-item (F, C) results to sum
-        # (ASPP rate 12 at 16x16, 2 threads: 18.8 ms against 21.0).
+        # dL/dx_rect += W_tap^T · dout_rect. Input, dout and dx are held channel-major, (C, N, H, W), so that the batch
+        # is part of the GEMMs' inner dimension (one product per tap, no per-item (F, C) results to sum) and each
+        # tap's rectangle is added without a transpose; one transposing copy of each at the start and end (ASPP
+        # rate 6 at 16x16, 2 threads: 18.5 ms against 20.0 with each rectangle copied and added transposed).
         x, w_taps = self.saved, self.w_taps      # w_taps: (kh, kw, F, C) from forward; its (C, F) transposes are views
+        x_cm, dout_cm = (xp.ascontiguousarray(a.transpose(1, 0, 2, 3)) for a in (x, dout))
         dw_taps = xp.zeros((kh, kw, F, C), dtype=dout.dtype)
-        dx = xp.zeros(self.x_shape, dtype=dout.dtype) if self.input_grad else None
+        dx_cm = xp.zeros((C, N, H, W), dtype=dout.dtype) if self.input_grad else None
         for i, j, (oy, ox), (iy, ix) in self._taps((H, W), (Ho, Wo)):
-            xr = xp.ascontiguousarray(x[:, :, iy, ix].transpose(1, 0, 2, 3))          # (C, N, h, w)
-            dr = xp.ascontiguousarray(dout[:, :, oy, ox].transpose(1, 0, 2, 3)).reshape(F, -1)
-            dw_taps[i, j] = dr @ xr.reshape(C, -1).T
+            dr = dout_cm[:, :, oy, ox].reshape(F, -1)                 # (F, N*h*w), a copy unless the whole map
+            xp.matmul(dr, x_cm[:, :, iy, ix].reshape(C, -1).T, out=dw_taps[i, j])
             if self.input_grad:
-                dx[:, :, iy, ix] += (w_taps[i, j].T @ dr).reshape(xr.shape).transpose(1, 0, 2, 3)
+                rect = dx_cm[:, :, iy, ix]
+                rect += (w_taps[i, j].T @ dr).reshape(rect.shape)
+        dx = xp.ascontiguousarray(dx_cm.transpose(1, 0, 2, 3)) if self.input_grad else None
         self.weight.accumulate(dw_taps.transpose(2, 3, 0, 1))
         return dx
 
