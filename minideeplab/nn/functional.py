@@ -95,7 +95,8 @@ def im2col(x, kernel_size, stride=1, padding=0, dilation=1, out=None):
         for j in range(kw):
             (a, r), (b, c) = divmod(i * d[0], s[0]), divmod(j * d[1], s[1])
             if (r, c) not in phases:
-                phases[r, c] = xp.ascontiguousarray(xpad[:, :, r::s[0], c::s[1]])
+                phase = xpad[:, :, r::s[0], c::s[1]]
+                phases[r, c] = phase if s == (1, 1) else xp.ascontiguousarray(phase)
             by_tap[:, :, i, j] = phases[r, c][:, :, a:a + Ho, b:b + Wo]
     return cols
 
