@@ -84,6 +84,9 @@ def read_npz(path) -> tuple[dict, dict]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"read_npz: no such checkpoint file: {path!r}")
+    if not zipfile.is_zipfile(path):   # else np.load guesses .npy or pickle and its message misleads
+        raise ValueError(f"read_npz: {path!r} is not a readable .npz archive (not a zip file; "
+                         f"a checkpoint is RUN/best.npz or RUN/last.npz)")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
