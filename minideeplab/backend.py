@@ -183,10 +183,10 @@ def cuda_graph(step, prepare=None, warmup: int = 2):
     0/1 check of the target, so check new targets before copying them in), copy nothing from the host (new data
     goes into the step's input arrays before a replay), and use the same shapes every time. ``prepare()`` runs
     before each of the ``warmup`` steps, the captured one and every replay, on the graph's stream: the place to
-    copy in what must change between replays (``Dropout.draw_ahead``). The step's temporaries come from a memory pool of its own that nothing else
-    uses, so the addresses baked into the graph stay the graph's. The warm-up steps take the captured path
-    (``as_captured``), so that its kernels are compiled before the capture. Needs a GPU (CuPy); the step should have
-    run once already (cached shapes).
+    copy in what must change between replays (``Dropout.draw_ahead``). The step's temporaries come from a memory
+    pool of its own that nothing else uses, so the addresses baked into the graph stay the graph's. The warm-up
+    steps take the captured path (``as_captured``), so that its kernels are compiled before the capture. Needs a
+    GPU (CuPy); the step should have run once already (cached shapes).
     """
     if not cuda_available():
         raise ValueError("cuda_graph: needs CuPy and a visible GPU (CUDA graphs capture GPU work only)")

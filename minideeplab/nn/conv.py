@@ -20,9 +20,10 @@ forward+backward times measured on this 2-core machine (OpenBLAS, float32, batch
 - "gather" (what "auto" picks for every kxk conv on a GPU, where a step is bound by kernel launches,
   ``backend.launch_bound``): im2col's columns in one indexed gather (``gather_index``) and one multiply by a 0/1
   mask for the padding, instead of a copy per tap; at stride 1 the input gradient is the same gather of dout (the
-  correlation with the flipped kernel) and ONE GEMM with K = F*kh*kw, instead of col2im's add per tap. A 3x3 conv's forward and backward in about 8 array
-  operations against kn2row's ~50 (``benchmarks/count_ops.py``), at the price of a 9x-input column matrix kept for
-  backward: cheap for a GPU's bandwidth, slow on the CPU (128->32 at 64x64: 125 ms against kn2row's 14).
+  correlation with the flipped kernel) and ONE GEMM with K = F*kh*kw, instead of col2im's add per tap. A 3x3
+  conv's forward and backward in about 8 array operations against kn2row's ~50 (``benchmarks/count_ops.py``), at
+  the price of a 9x-input column matrix kept for backward: cheap for a GPU's bandwidth, slow on the CPU (128->32
+  at 64x64: 125 ms against kn2row's 14).
 """
 from __future__ import annotations
 
