@@ -40,6 +40,18 @@ def get_array_module(*arrays):
     return np
 
 
+def scatter_add(target, index, values) -> None:
+    """``target[index] += values`` in place, where an index that repeats adds each of its values (``np.add.at``).
+
+    CuPy has ``cupy.add.at`` from version 12; an older build (``cupy-cuda11x``) has ``cupyx.scatter_add``, which
+    does the same."""
+    at = getattr(get_array_module(target).add, "at", None)
+    if at is None:
+        import cupyx
+        at = cupyx.scatter_add
+    at(target, index, values)
+
+
 def is_cuda_array(x) -> bool:
     return _cupy is not None and isinstance(x, _cupy.ndarray)
 

@@ -54,3 +54,31 @@ def test_module_computes_where_its_parameters_live(xp, device, rng):
 def test_synchronize_is_safe_everywhere(xp):
     backend.synchronize()
     backend.synchronize(xp.zeros(1))
+
+
+def test_scatter_add_adds_every_value_of_a_repeated_index(xp):
+    target = xp.asarray([10.0, 0.0, 0.0, 0.0, 0.0, 0.0], dtype=np.float32)
+    backend.scatter_add(target, xp.asarray([1, 0, 1, 5, 1]), xp.asarray([1.0, 2.0, 3.0, 4.0, 5.0], dtype=np.float32))
+    np.testing.assert_array_equal(to_numpy(target), [12.0, 9.0, 0.0, 0.0, 0.0, 4.0])
+
+
+def test_scatter_add_uses_cupyx_scatter_add_where_ufuncs_have_no_at(xp, monkeypatch):
+    """CuPy before 12 (cupy-cuda11x) has no ``cupy.add.at``: the max pool's backward then goes through
+    ``cupyx.scatter_add``. On a GPU the real one runs; on the CPU a stand-in checks that it is the one called."""
+    import sys
+    import types
+    calls = []
+    if xp is np:
+        def stand_in(a, index, values):
+            calls.append(index)
+            np.add.at(a, index, values)
+        monkeypatch.setitem(sys.modules, "cupyx", types.SimpleNamespace(scatter_add=stand_in))
+    else:
+        import cupyx
+        if not hasattr(cupyx, "scatter_add"):
+            pytest.skip("this CuPy has no cupyx.scatter_add (it has cupy.add.at, which the first test checks)")
+    monkeypatch.setattr(backend, "get_array_module", lambda *a: types.SimpleNamespace(add=object()))
+    target = xp.zeros(4, dtype=np.float32)
+    backend.scatter_add(target, xp.asarray([3, 3, 0]), xp.asarray([1.0, 2.0, 4.0], dtype=np.float32))
+    np.testing.assert_array_equal(to_numpy(target), [4.0, 0.0, 0.0, 3.0])
+    assert len(calls) == (1 if xp is np else 0)

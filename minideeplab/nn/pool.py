@@ -1,7 +1,7 @@
 """Pooling: max, average, and global (adaptive 1x1) average."""
 from __future__ import annotations
 
-from ..backend import get_array_module
+from ..backend import get_array_module, scatter_add
 from .functional import check_input, conv_output_size, fold_taps, kernel_offsets, pad2d, pair
 from .module import Module
 
@@ -104,7 +104,7 @@ class MaxPool2d(_Pool2d):
         index = tap_offset[self.argmax]
         index += xp.arange(N * C).reshape(N, C, 1, 1) * (Hp * Wp) + corner
         dxpad = xp.zeros(N * C * Hp * Wp, dtype=dout.dtype)
-        xp.add.at(dxpad, index.reshape(-1), dout.reshape(-1))
+        scatter_add(dxpad, index.reshape(-1), dout.reshape(-1))
         return dxpad.reshape(N, C, Hp, Wp)[:, :, ph:ph + H, pw:pw + W]
 
     def _clear_cache(self):
