@@ -108,17 +108,38 @@ class BCEWithLogitsLoss(_ElementwiseLoss):
 
     Args:
         pos_weight: weight p of the positive term, a scalar or an array that broadcasts to the logits as in
-            PyTorch (for NCHW logits with C classes give shape (C, 1, 1)); None means 1.
+            PyTorch (for NCHW logits with C classes give shape (C, 1, 1)); None means 1. Converted once to the
+            logits' library and dtype (``pos_weight_as``); assign a new one to change it.
         reduction: "mean" (over all elements), "sum" or "none".
     """
 
     def __init__(self, pos_weight=None, reduction: str = "mean"):
         super().__init__(reduction)
-        if pos_weight is not None:
-            pw = np.asarray(pos_weight, dtype=np.float64) if not hasattr(pos_weight, "shape") else pos_weight
+        self.pos_weight = pos_weight
+
+    @property
+    def pos_weight(self):
+        return self._pos_weight
+
+    @pos_weight.setter
+    def pos_weight(self, value):
+        if value is not None:
+            pw = np.asarray(value, dtype=np.float64) if not hasattr(value, "shape") else value
             if float(pw.min()) < 0:
                 raise ValueError(f"BCEWithLogitsLoss: pos_weight must be >= 0, got min {float(pw.min())}")
-        self.pos_weight = pos_weight
+        self._pos_weight, self._pos_weight_as = value, None    # (the array made from it by pos_weight_as)
+
+    def pos_weight_as(self, x):
+        """``pos_weight`` as an array of ``x``'s library and dtype, made on the first call and kept (until a new
+        ``pos_weight`` is set): not copied to the GPU at every step, which would cost a transfer, and which a step
+        captured as a CUDA graph must not do (the graph would keep the address of a host buffer)."""
+        xp, p = get_array_module(x), self._pos_weight_as
+        if p is None or get_array_module(p) is not xp or p.dtype != x.dtype:
+            p = self._pos_weight_as = xp.asarray(self.pos_weight, dtype=x.dtype)
+        if p.ndim > x.ndim or any(a not in (1, b) for a, b in zip(p.shape[::-1], x.shape[::-1])):
+            raise ValueError(f"BCEWithLogitsLoss: pos_weight of shape {tuple(p.shape)} does not broadcast to "
+                             f"the logits' shape {tuple(x.shape)}")
+        return p
 
     def _elementwise(self, x, t):
         xp = get_array_module(x)
@@ -127,10 +148,7 @@ class BCEWithLogitsLoss(_ElementwiseLoss):
             # dl/dx = s(x) - t, written as (1-t)*s(x) - t*s(-x) to avoid cancellation for saturated logits
             grad = (1 - t) * _sigmoid(x) - t * _sigmoid(-x)
             return loss, grad
-        p = xp.asarray(self.pos_weight, dtype=x.dtype)
-        if p.ndim > x.ndim or any(a not in (1, b) for a, b in zip(p.shape[::-1], x.shape[::-1])):
-            raise ValueError(f"BCEWithLogitsLoss: pos_weight of shape {tuple(p.shape)} does not broadcast to "
-                             f"the logits' shape {tuple(x.shape)}")
+        p = self.pos_weight_as(x)
         loss = (1 - t) * _softplus(x) + p * t * _softplus(-x)     # softplus(-x) = -log s(x)
         # dl/dx = (1-t) s(x) - p t s(-x)
         grad = (1 - t) * _sigmoid(x) - p * t * _sigmoid(-x)

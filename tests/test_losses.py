@@ -115,6 +115,22 @@ def test_bce_extreme_values_by_hand(xp):
     np.testing.assert_array_equal(to_numpy(weighted.backward()), [0.25, -2.5 / 4, 0.0, 0.0])
 
 
+def test_bce_pos_weight_is_converted_once_per_dtype(xp):
+    """pos_weight becomes an array of the logits' library and dtype once, not at every call (on a GPU: a copy from
+    the host per step, which a captured CUDA graph must not contain); a new pos_weight replaces it."""
+    x, t = xp.zeros(2, dtype=np.float32), xp.asarray([1.0, 0.0], dtype=np.float32)
+    loss = BCEWithLogitsLoss(pos_weight=np.array([3.0]), reduction="none")
+    first = loss.pos_weight_as(x)
+    assert type(first) is type(x) and first.dtype == np.float32
+    np.testing.assert_allclose(to_numpy(loss(x, t)), [3 * LN2, LN2], rtol=1e-6)
+    assert loss.pos_weight_as(x) is first                       # the forward above used the same array
+    assert loss.pos_weight_as(xp.zeros(2)).dtype == np.float64    # float64 logits: a float64 one
+    loss.pos_weight = 0.5
+    np.testing.assert_allclose(to_numpy(loss(x, t)), [0.5 * LN2, LN2], rtol=1e-6)
+    with pytest.raises(ValueError, match="pos_weight must be >= 0"):
+        loss.pos_weight = -2.0
+
+
 def test_bce_values_and_reductions_by_hand(xp):
     # sigmoid(ln 3) = 3/4: the loss is -ln(3/4) for t = 1 and -ln(1/4) = ln 4 for t = 0; sigmoid(0) = 1/2
     x = xp.asarray([math.log(3.0), math.log(3.0), 0.0])
