@@ -12,34 +12,49 @@
 #   4. the test suite on CuPy (every test parametrised by the xp/device fixture, CuPy half only; tests/test_graph.py
 #      checks that graph replays train exactly as eager steps do, and shows the traceback if a capture fails);
 #   5. the time per step of the demo's training on CuPy (eager).
-# Default timeouts sum to 580 s (one call). Results land in $OUT, each file written as its part ends.
-# Usage (repo root): OUT=/some/dir bash benchmarks/gpu_check.sh
+# Default timeouts sum to 580 s (one call). PARTS picks parts by name (default: all, in this order):
+#   graph_tests graph kn2row eager tests demo
+# Results land in a work folder packed into $OUT/results.tgz after each part (the device tool brings back at most
+# 8 files; a part killed by the call's limit still leaves the earlier ones), the last lines of each in
+# $OUT/summary.txt.
+# Usage (repo root): OUT=/some/dir [PARTS="graph_tests graph"] bash benchmarks/gpu_check.sh
 set -u
 OUT=${OUT:-/tmp/minideeplab-gpu}
-mkdir -p "$OUT"
+W=${GPU_CHECK_WORK:-/tmp/minideeplab-gpu-work}
+PARTS=" ${PARTS:-graph_tests graph kn2row eager tests demo} "
+mkdir -p "$OUT" "$W"
 export PYTHONPATH=. MPLBACKEND=Agg CUPY_TF32=0
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import cupy, numpy, torch; print('cupy', cupy.__version__, 'numpy', numpy.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-} > "$OUT/env.txt" 2>&1
-run() {   # run NAME TIMEOUT command...: output to $OUT/NAME.txt, then its exit status and duration
-    local name=$1 limit=$2 start
-    shift 2
-    start=$(date +%s)
-    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
-    echo "$name exit $? in $(( $(date +%s) - start )) s" >> "$OUT/$name.txt"
+} > "$W/env.txt" 2>&1
+XDIST=""   # the CuPy half of the suite in parallel workers where pytest-xdist is there (16 cores, one GPU)
+python3 -c "import xdist" 2>/dev/null && XDIST="-n 6"
+pack() {
+    tar czf "$OUT/results.tgz.part" -C "$W" . && mv "$OUT/results.tgz.part" "$OUT/results.tgz"
+    tail -n 3 "$W"/*.txt > "$OUT/summary.txt.part" 2>&1; mv "$OUT/summary.txt.part" "$OUT/summary.txt"
 }
-run pytest_graph "${GRAPH_TEST_TIMEOUT:-70}" python3 -m pytest -q -p no:cacheprovider -k "cupy or cuda" \
+run() {   # run PART NAME TIMEOUT command...: output to $W/NAME.txt, then its exit status and duration
+    local part=$1 name=$2 limit=$3 start
+    shift 3
+    [[ "$PARTS" == *" $part "* ]] || return 0
+    start=$(date +%s)
+    timeout "$limit" "$@" > "$W/$name.txt" 2>&1
+    echo "$name exit $? in $(( $(date +%s) - start )) s" >> "$W/$name.txt"
+    pack
+}
+run graph_tests pytest_graph "${GRAPH_TEST_TIMEOUT:-70}" python3 -m pytest -q -p no:cacheprovider -k "cupy or cuda" \
     tests/test_graph.py tests/test_fuse.py
-run bench_cuda_graph "${GRAPH_TIMEOUT:-110}" python3 -m minideeplab.bench --device cuda --os 16 --cuda-graph \
-    --no-profile --out "$OUT/graph"
-run bench_cuda_graph_kn2row "${KN2ROW_TIMEOUT:-45}" python3 -m minideeplab.bench --device cuda --os 16 --cuda-graph \
-    --no-torch --no-profile --conv-algorithm kn2row --out "$OUT/graph_kn2row"
-run bench_cuda "${BENCH_TIMEOUT:-130}" python3 -m minideeplab.bench --device cuda --os 16 --out "$OUT"
-run pytest_cupy "${TEST_TIMEOUT:-165}" python3 -m pytest -q -p no:cacheprovider -k "cupy or cuda" tests \
+run graph bench_cuda_graph "${GRAPH_TIMEOUT:-110}" python3 -m minideeplab.bench --device cuda --os 16 --cuda-graph \
+    --repeats ${GRAPH_REPEATS:-10} --no-profile --out "$W/graph"
+run kn2row bench_cuda_graph_kn2row "${KN2ROW_TIMEOUT:-45}" python3 -m minideeplab.bench --device cuda --os 16 \
+    --cuda-graph --no-torch --no-profile --conv-algorithm kn2row --out "$W/graph_kn2row"
+run eager bench_cuda "${BENCH_TIMEOUT:-130}" python3 -m minideeplab.bench --device cuda --os 16 ${EAGER_FLAGS:-} \
+    --out "$W"
+run tests pytest_cupy "${TEST_TIMEOUT:-165}" python3 -m pytest -q -p no:cacheprovider $XDIST -k "cupy or cuda" tests \
     --ignore=tests/test_notebooks.py
 # the demo's configuration (DenseNet121, OS 16, 8 images of 128 px, AdamW), 40 steps, timed per step
-run train_cuda "${TRAIN_TIMEOUT:-60}" python3 -m minideeplab.cli train --device cuda --model densenet121 \
+run demo train_cuda "${TRAIN_TIMEOUT:-60}" python3 -m minideeplab.cli train --device cuda --model densenet121 \
     --output-stride 16 --image-size 128 --batch-size 8 --optimizer adamw --lr 2e-3 --epochs 1 --train-size 320 \
     --val-size 16 --quiet --log-every 5 --out /tmp/minideeplab-gpu-run
-cp /tmp/minideeplab-gpu-run/history.csv "$OUT/train_history.csv" 2>/dev/null
-tail -n 4 "$OUT"/*.txt
+cp /tmp/minideeplab-gpu-run/history.csv "$W/train_history.csv" 2>/dev/null && pack
+cat "$OUT/summary.txt"
