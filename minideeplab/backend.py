@@ -93,6 +93,29 @@ def launch_bound(x) -> bool:
     return is_cuda_array(x) or bool(getattr(x, "launch_bound", False))
 
 
+def _capturing() -> bool:
+    """Whether CuPy work now goes into a CUDA graph being captured, or takes that path (``as_captured``)."""
+    if _as_captured_depth:
+        return True
+    if getattr(_cupy.cuda.runtime, "is_hip", False):
+        return False                                 # no graph capture on HIP
+    try:
+        return _cupy.cuda.get_current_stream().is_capturing()
+    except Exception:                                # a query the driver refuses: play safe
+        return True
+
+
+def matmul(a, b, out=None):
+    """``a @ b`` (NumPy's matmul: matrices, stacks of them that broadcast, 1-D operands), into ``out`` if given.
+
+    ``xp.matmul`` everywhere but on CuPy while a step is captured as a CUDA graph (``cuda_graph``, and its warm-up
+    steps): CuPy refuses to call cuBLAS then, so the product goes to cuBLAS directly (``_cublas``)."""
+    if is_cuda_array(a) and _capturing():
+        from . import _cublas
+        return _cublas.matmul(_cupy, a, b, out)
+    return get_array_module(a, b).matmul(a, b, out=out)
+
+
 def can_read(x) -> bool:
     """Whether code may read a value of ``x`` on the host: to take a faster path for some values, or to check input.
 
@@ -103,14 +126,7 @@ def can_read(x) -> bool:
     Within ``as_captured()`` CuPy arrays answer False too (``cuda_graph``'s warm-up steps).
     """
     if is_cuda_array(x):
-        if _as_captured_depth:
-            return False
-        if getattr(_cupy.cuda.runtime, "is_hip", False):
-            return True                              # no graph capture on HIP
-        try:
-            return not _cupy.cuda.get_current_stream().is_capturing()
-        except Exception:                            # a query the driver refuses: play safe, read nothing
-            return False
+        return not _capturing()
     return not getattr(x, "capturing", False)
 
 
@@ -121,7 +137,8 @@ class fuse:
     For the small per-channel chains of a batch norm (``1 / sqrt(var + eps)``, running averages, the terms of its
     backward) and elementwise chains over a whole tensor: on a GPU each operation of the chain is a kernel launch
     that costs more than its arithmetic (and a trip to memory), fused they are one. ``fn`` takes arrays that
-    broadcast together and Python numbers, uses arithmetic, comparisons and the ufuncs of
+    broadcast together and Python numbers (no arithmetic between two numbers inside: CuPy does it in the smallest
+    dtype that holds them, float16 for ``1 - 0.1``; pass the result in), uses arithmetic, comparisons and the ufuncs of
     ``get_array_module(array argument)`` (``where``, ``sqrt``, ``isfinite``, ...), may update an argument in place
     (``a += b``, ``a[...] = b``) and returns an array, a tuple of them, or None; no reductions, no host reads, no
     creation routines. Where CuPy cannot fuse it (``fuse.failures`` records why), it runs operation by operation

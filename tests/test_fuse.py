@@ -40,8 +40,8 @@ def _cases(rng, dtype):
     n = 2 * 4 * 3
     block = vec(), vec()                   # a dense block's two sums, updated through prefix views
     return {
-        "minideeplab.nn.norm._train_statistics": ((vec(), vec(0.1, 2), vec(), vec(0.5, 1.5), vec(), 0.1,
-                                                   0.1 * n / (n - 1), 1e-5), (2, 3)),
+        "minideeplab.nn.norm._train_statistics": ((vec(), vec(0.1, 2), vec(), vec(0.5, 1.5), vec(), 0.9,
+                                                   0.1, 0.1 * n / (n - 1), 1e-5), (2, 3)),
         "minideeplab.nn.norm._eval_affine": ((vec(), vec(0.5, 1.5), vec(), vec(), 1e-5), ()),
         "minideeplab.nn.norm._affine": ((tensor(), col(), col()), ()),
         "minideeplab.nn.norm._batch_norm_dx": ((tensor(), tensor(), col(), col(), col()), ()),
@@ -85,7 +85,9 @@ def test_fused_function_matches_the_plain_one(xp, name, dtype):
     assert function.name not in fuse.failures
     expected = expected if isinstance(expected, tuple) else (expected,)
     got = got if isinstance(got, tuple) else (got,)
-    tol = dict(rtol=2e-6, atol=1e-7) if dtype == np.float32 else dict(rtol=1e-14, atol=1e-300)
+    # float64: CUDA contracts a * b + c into one fused multiply-add (one rounding instead of two), so a GPU result
+    # may differ from NumPy's in the last bits (1.3e-14 relative, 1e-17 absolute, seen on an H200)
+    tol = dict(rtol=2e-6, atol=1e-7) if dtype == np.float32 else dict(rtol=1e-13, atol=1e-16)
     for e, g in zip(expected, got, strict=True):
         if e is None:
             assert g is None

@@ -32,7 +32,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..backend import get_array_module, launch_bound
+from ..backend import get_array_module, launch_bound, matmul
 from .functional import (
     check_dtype,
     check_input,
@@ -183,12 +183,12 @@ class Conv2d(Module):
                 cols = x.reshape(N, C, -1)[:, :, index]
                 cols *= mask
                 cols = cols.reshape(N, -1, Ho * Wo)
-            out = (self.weight.data.reshape(F, -1) @ cols).reshape(N, F, Ho, Wo)     # already NCHW
+            out = matmul(self.weight.data.reshape(F, -1), cols).reshape(N, F, Ho, Wo)     # already NCHW
             self.saved = cols
         elif path == "kn2row":
             taps, w_taps = self._used_taps(x.shape[2:], (Ho, Wo))
             w_taps = w_taps.reshape(-1, C)   # (T*F, C), kept for backward
-            Y = (w_taps @ x.reshape(N, C, -1)).reshape(N, len(taps), F, *x.shape[2:])
+            Y = matmul(w_taps, x.reshape(N, C, -1)).reshape(N, len(taps), F, *x.shape[2:])
             if (Ho, Wo) == tuple(x.shape[2:]):   # each tap's block, moved by its offset (flat slice adds)
                 out = sum_shifted(Y, _shifts(taps))
             else:
@@ -201,7 +201,7 @@ class Conv2d(Module):
             out = xp.zeros((N, F, Ho, Wo), dtype=x.dtype)
             for i, j, (oy, ox), (iy, ix) in self._taps(x.shape[2:], (Ho, Wo)):
                 xr = x[:, :, iy, ix]
-                out[:, :, oy, ox] += (w_taps[i, j] @ xr.reshape(N, C, -1)).reshape(N, F, *xr.shape[2:])
+                out[:, :, oy, ox] += matmul(w_taps[i, j], xr.reshape(N, C, -1)).reshape(N, F, *xr.shape[2:])
             self.saved, self.w_taps = x, w_taps
         self.x_shape, self.path = x.shape, path
         if self.bias is not None:
@@ -218,7 +218,7 @@ class Conv2d(Module):
         if self.path in ("pointwise", "im2col", "gather"):
             d2, cols = dout.reshape(N, F, Ho * Wo), self.saved
             # dL/dW = sum_n dout_n · cols_n^T ;  dL/dcols = W^T · dout
-            self.weight.accumulate_sum(xp.matmul(d2, cols.transpose(0, 2, 1)), axis=0)
+            self.weight.accumulate_sum(matmul(d2, cols.transpose(0, 2, 1)), axis=0)
             if not self.input_grad:
                 return None
             if self.path == "gather" and self.stride == (1, 1):
@@ -229,8 +229,8 @@ class Conv2d(Module):
                 dcols = d2[:, :, index]
                 dcols *= mask
                 w_t = xp.ascontiguousarray(self.weight.data.transpose(1, 0, 2, 3)).reshape(C, -1)   # (C, F*kh*kw)
-                return (w_t @ dcols.reshape(N, -1, H * W)).reshape(self.x_shape)
-            dcols = self.weight.data.reshape(F, -1).T @ d2
+                return matmul(w_t, dcols.reshape(N, -1, H * W)).reshape(self.x_shape)
+            dcols = matmul(self.weight.data.reshape(F, -1).T, d2)
             if self.path in ("im2col", "gather"):      # dL/dx: dcols folded back onto the input by col2im
                 return col2im(dcols, self.x_shape, self.kernel_size, self.stride, self.padding, self.dilation)
             if self.stride == (1, 1):
@@ -251,7 +251,7 @@ class Conv2d(Module):
                     D[:, t, :, iy, ix] = dout[:, :, oy, ox]
             D = D.reshape(N, len(taps) * F, H * W)
             # dL/dW_tap = D_tap · x^T ;  dL/dx = W_taps^T · D (the correlation with the flipped kernel)
-            G = xp.matmul(D, x.reshape(N, C, H * W).transpose(0, 2, 1)).sum(axis=0).reshape(len(taps), F, C)
+            G = matmul(D, x.reshape(N, C, H * W).transpose(0, 2, 1)).sum(axis=0).reshape(len(taps), F, C)
             if len(taps) == kh * kw:             # every tap, in (i, j) order: one strided add for all of them
                 self.weight.accumulate(G.reshape(kh, kw, F, C).transpose(2, 3, 0, 1))
             else:
@@ -259,7 +259,7 @@ class Conv2d(Module):
                     self.weight.grad[:, :, i, j] += G[t]
             if not self.input_grad:
                 return None
-            return (w_taps.T @ D).reshape(N, C, H, W)
+            return matmul(w_taps.T, D).reshape(N, C, H, W)
         # "taps": per tap, over the rectangle where it reads real input, dL/dW_tap = dout_rect · x_rect^T and
         # dL/dx_rect += W_tap^T · dout_rect. Input, dout and dx are held channel-major, (C, N, H, W), so that the batch
         # is part of the GEMMs' inner dimension (one product per tap, no per-item (F, C) results to sum) and each
@@ -271,10 +271,10 @@ class Conv2d(Module):
         dx_cm = xp.zeros((C, N, H, W), dtype=dout.dtype) if self.input_grad else None
         for i, j, (oy, ox), (iy, ix) in self._taps((H, W), (Ho, Wo)):
             dr = dout_cm[:, :, oy, ox].reshape(F, -1)                 # (F, N*h*w), a copy unless the whole map
-            xp.matmul(dr, x_cm[:, :, iy, ix].reshape(C, -1).T, out=dw_taps[i, j])
+            matmul(dr, x_cm[:, :, iy, ix].reshape(C, -1).T, out=dw_taps[i, j])
             if self.input_grad:
                 rect = dx_cm[:, :, iy, ix]
-                rect += (w_taps[i, j].T @ dr).reshape(rect.shape)
+                rect += matmul(w_taps[i, j].T, dr).reshape(rect.shape)
         dx = xp.ascontiguousarray(dx_cm.transpose(1, 0, 2, 3)) if self.input_grad else None
         self.weight.accumulate(dw_taps.transpose(2, 3, 0, 1))
         return dx

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import can_read, fuse, get_array_module
+from ..backend import can_read, fuse, get_array_module, matmul
 from .functional import channel_sum
 
 
@@ -115,7 +115,7 @@ class BNReLUConv1x1:
             _, s2, b2 = self.post.eval_affine()
             w1 *= s2[:, None]
             w1[:, C] += b2
-        return (w1 @ self.z1.reshape(N, C + 1, H * W)).reshape(N, -1, H, W)
+        return matmul(w1, self.z1.reshape(N, C + 1, H * W)).reshape(N, -1, H, W)
 
     def backward(self, dout):
         g = self.grad_at_norm_output(dout)
@@ -126,7 +126,6 @@ class BNReLUConv1x1:
         the batch norm's scale s, for free (the GEMM uses W·diag(s) instead of W)."""
         if self.z1 is None:
             raise RuntimeError("BNReLUConv1x1.backward called before forward (run forward first)")
-        xp = get_array_module(dout)
         N, F, H, W = dout.shape
         C = self.z1.shape[1] - 1
         z1 = self.z1.reshape(N, C + 1, H * W)
@@ -134,13 +133,13 @@ class BNReLUConv1x1:
             if self.post.training:
                 raise RuntimeError("BNReLUConv1x1.backward: the folded batch norm was switched to training mode "
                                    "after forward; run forward again in the mode backward should see")
-            self.post.affine_map((self._weight_with_shift() @ z1).reshape(N, F, H, W))
+            self.post.affine_map(matmul(self._weight_with_shift(), z1).reshape(N, F, H, W))
             dout = self.post.backward(dout)
         d2 = dout.reshape(N, F, H * W)
         w = self.conv.weight.data.reshape(F, C)
         # dL/dW = sum_n dout_n · (z_n·s + b)^T = (sum_n dout_n · z_n^T)·s + (sum of dout) ⊗ b, and the sum of dout
         # is the column the ones channel adds to sum_n dout_n · [z; 1]_n^T
-        g = self.dout_z = xp.matmul(d2, z1.transpose(0, 2, 1)).sum(axis=0)
+        g = self.dout_z = matmul(d2, z1.transpose(0, 2, 1)).sum(axis=0)
         out = self.conv.weight.grad_out((F, C))      # the step's first gradient goes straight into grad
         dw = _weight_grad(g[:, :C], g[:, C:], self.scale, self.shift, out)
         if out is None:
@@ -148,7 +147,7 @@ class BNReLUConv1x1:
         # dL/d(bn output) = (W^T · dout) where the ReLU passed its input (lo < z < hi), else 0
         if scaled:   # W·diag(s) from forward, unless norm2 was folded into that GEMM's weight
             w = self.w_scaled if self.w_scaled is not None else w * self.scale
-        dbn = (w.T @ d2).reshape(N, C, H, W)
+        dbn = matmul(w.T, d2).reshape(N, C, H, W)
         dbn *= self.mask if self.mask is not None else self.passed()
         return dbn
 
@@ -170,7 +169,7 @@ class BNReLUConv1x1:
         C = self.dout_z.shape[1] - 1
         w = self.conv.weight.data.reshape(-1, C)
         sum_hz = (w * self.dout_z[:, :C]).sum(axis=0)
-        sum_h = self.dout_z[:, C] @ w
+        sum_h = matmul(self.dout_z[:, C], w)
         sum_gc = _blocked_correction(sum_hz, self.blocked, sum_h, sum_g)
         if not self.norm.batch_stats:        # eval: src = x, centered = x - running mean
             sum_gc = sum_gc - self.norm.running_mean * sum_g
@@ -182,7 +181,7 @@ class BNReLUConv1x1:
         xp, C = get_array_module(w), w.shape[1]
         w1 = xp.empty((w.shape[0], C + 1), dtype=w.dtype)
         xp.multiply(w, self.scale, out=w1[:, :C])
-        w1[:, C] = w @ self.shift
+        w1[:, C] = matmul(w, self.shift)
         return w1
 
     def passed(self):

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import get_array_module, matmul
 from .functional import check_input, pair
 from .module import Module
 
@@ -85,12 +85,12 @@ class Upsample(Module):
             self.A_h = bilinear_matrix(H, Ho, self.align_corners, sh, xp, x.dtype)
             self.A_w = bilinear_matrix(W, Wo, self.align_corners, sw, xp, x.dtype)
             self._matrix_key = key
-        return self.A_h @ x @ self.A_w.T
+        return matmul(matmul(self.A_h, x), self.A_w.T)
 
     def backward(self, dout):
         self._need(self.A_h)
         # out = A_h x A_w^T is linear in x, so dL/dx = A_h^T · dout · A_w
-        return self.A_h.T @ dout @ self.A_w
+        return matmul(matmul(self.A_h.T, dout), self.A_w)
 
     def _clear_cache(self):
         self.A_h = self.A_w = self._matrix_key = None
