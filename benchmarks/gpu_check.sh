@@ -43,7 +43,7 @@ run() {   # run PART NAME TIMEOUT command...: output to $W/NAME.txt, then its ex
     pack
 }
 run graph_tests pytest_graph "${GRAPH_TEST_TIMEOUT:-70}" python3 -m pytest -q -p no:cacheprovider -k "cupy or cuda" \
-    tests/test_graph.py tests/test_fuse.py
+    tests/test_cublas.py tests/test_graph.py tests/test_fuse.py
 run graph bench_cuda_graph "${GRAPH_TIMEOUT:-110}" python3 -m minideeplab.bench --device cuda --os 16 --cuda-graph \
     --repeats ${GRAPH_REPEATS:-10} --no-profile --out "$W/graph"
 run kn2row bench_cuda_graph_kn2row "${KN2ROW_TIMEOUT:-45}" python3 -m minideeplab.bench --device cuda --os 16 \
