@@ -13,7 +13,7 @@
 #      checks that graph replays train exactly as eager steps do, and shows the traceback if a capture fails);
 #   5. the time per step of the demo's training on CuPy (eager).
 # Default timeouts sum to 580 s (one call). PARTS picks parts by name (default: all, in this order):
-#   graph_tests graph kn2row eager tests demo
+#   graph_tests graph kn2row eager tests demo   (GRAPH_OS="32 16 8": the graph rows at those output strides)
 # Results land in a work folder packed into $OUT/results.tgz after each part (the device tool brings back at most
 # 8 files; a part killed by the call's limit still leaves the earlier ones), the last lines of each in
 # $OUT/summary.txt.
@@ -44,7 +44,7 @@ run() {   # run PART NAME TIMEOUT command...: output to $W/NAME.txt, then its ex
 }
 run graph_tests pytest_graph "${GRAPH_TEST_TIMEOUT:-70}" python3 -m pytest -q -p no:cacheprovider -k "cupy or cuda" \
     tests/test_cublas.py tests/test_graph.py tests/test_fuse.py
-run graph bench_cuda_graph "${GRAPH_TIMEOUT:-110}" python3 -m minideeplab.bench --device cuda --os 16 --cuda-graph \
+run graph bench_cuda_graph "${GRAPH_TIMEOUT:-110}" python3 -m minideeplab.bench --device cuda --os ${GRAPH_OS:-16} --cuda-graph \
     --repeats ${GRAPH_REPEATS:-10} --no-profile --out "$W/graph"
 run kn2row bench_cuda_graph_kn2row "${KN2ROW_TIMEOUT:-45}" python3 -m minideeplab.bench --device cuda --os 16 \
     --cuda-graph --no-torch --no-profile --conv-algorithm kn2row --out "$W/graph_kn2row"

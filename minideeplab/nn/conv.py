@@ -146,7 +146,10 @@ class Conv2d(Module):
         F, C, kh, kw = w.shape
         if len(taps) == kh * kw:              # all of them: one transposing copy, no gather
             return taps, tap_major(w)
-        rows, cols = [t[0] for t in taps], [t[1] for t in taps]
+        key = (xp.__name__, "taps", tuple((t[0], t[1]) for t in taps))
+        if key not in self.gather_indices:    # made once on the weight's device: no copy from the host per step
+            self.gather_indices[key] = (xp.asarray([t[0] for t in taps]), xp.asarray([t[1] for t in taps]))
+        rows, cols = self.gather_indices[key]
         return taps, xp.ascontiguousarray(w[:, :, rows, cols].transpose(2, 0, 1))
 
     def _gather(self, x, src_hw, dst_hw, transposed=False):
