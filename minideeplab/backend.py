@@ -138,10 +138,10 @@ class fuse:
     backward) and elementwise chains over a whole tensor: on a GPU each operation of the chain is a kernel launch
     that costs more than its arithmetic (and a trip to memory), fused they are one. ``fn`` takes arrays that
     broadcast together and Python numbers (no arithmetic between two numbers inside: CuPy does it in the smallest
-    dtype that holds them, float16 for ``1 - 0.1``; pass the result in), uses arithmetic, comparisons and the ufuncs of
-    ``get_array_module(array argument)`` (``where``, ``sqrt``, ``isfinite``, ...), may update an argument in place
-    (``a += b``, ``a[...] = b``) and returns an array, a tuple of them, or None; no reductions, no host reads, no
-    creation routines. Where CuPy cannot fuse it (``fuse.failures`` records why), it runs operation by operation
+    dtype that holds them, float16 for ``1 - 0.1``; pass the result in), uses arithmetic, comparisons and the ufuncs
+    of ``get_array_module(array argument)`` (``where``, ``sqrt``, ``isfinite``, ...), may update an argument in
+    place (``a += b``, ``a[...] = b``) and returns an array, a tuple of them, or None; no reductions, no host reads,
+    no creation routines. Where CuPy cannot fuse it (``fuse.failures`` records why), it runs operation by operation
     with a warning. An array type that stands for device arrays on the CPU may take the call (``fused_call``:
     ``profiler.CountingArray`` counts it as one operation).
     """
