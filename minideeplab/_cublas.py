@@ -37,7 +37,7 @@ def _library(xp):
     paths = []
     try:
         with open("/proc/self/maps") as maps:
-            paths = [line.split()[-1] for line in maps if os.path.basename(line.split()[-1]).startswith("libcublas.so")]
+            paths = [p for p in (line.split()[-1] for line in maps) if os.path.basename(p).startswith("libcublas.so")]
     except OSError:
         pass
     names = paths[:1] + [n for n in (ctypes.util.find_library("cublas"), "libcublas.so.13", "libcublas.so.12") if n]

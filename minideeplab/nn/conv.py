@@ -105,7 +105,7 @@ class Conv2d(Module):
         self.path = None      # the algorithm the last forward used
         self.saved = None     # what that path's backward needs: the columns (im2col / pointwise) or the input
         self.w_taps = None    # "kn2row" / "taps": the weight as forward multiplied it, one (F, C) matrix per tap
-        self.gather_indices = {}  # "gather": (index, mask) on the device, per geometry (built once each)
+        self.index_arrays = {}  # on the device, built once each: "gather" (index, mask) per geometry, kn2row taps
 
     def output_shape(self, input_shape):
         N, _, H, W = input_shape
@@ -147,20 +147,20 @@ class Conv2d(Module):
         if len(taps) == kh * kw:              # all of them: one transposing copy, no gather
             return taps, tap_major(w)
         key = (xp.__name__, "taps", tuple((t[0], t[1]) for t in taps))
-        if key not in self.gather_indices:    # made once on the weight's device: no copy from the host per step
-            self.gather_indices[key] = (xp.asarray([t[0] for t in taps]), xp.asarray([t[1] for t in taps]))
-        rows, cols = self.gather_indices[key]
+        if key not in self.index_arrays:    # made once on the weight's device: no copy from the host per step
+            self.index_arrays[key] = (xp.asarray([t[0] for t in taps]), xp.asarray([t[1] for t in taps]))
+        rows, cols = self.index_arrays[key]
         return taps, xp.ascontiguousarray(w[:, :, rows, cols].transpose(2, 0, 1))
 
     def _gather(self, x, src_hw, dst_hw, transposed=False):
         """``gather_index`` of this conv's geometry as arrays on ``x``'s device (the mask in its dtype), cached."""
         xp = get_array_module(x)
         key = (xp.__name__, x.dtype.str, tuple(src_hw), tuple(dst_hw), transposed)
-        if key not in self.gather_indices:
+        if key not in self.index_arrays:
             index, valid = gather_index(src_hw, dst_hw, self.kernel_size, self.stride, self.padding, self.dilation,
                                         transposed)
-            self.gather_indices[key] = (xp.asarray(index), xp.asarray(valid.astype(x.dtype)))
-        return self.gather_indices[key]
+            self.index_arrays[key] = (xp.asarray(index), xp.asarray(valid.astype(x.dtype)))
+        return self.index_arrays[key]
 
     def forward(self, x):
         check_input("Conv2d", x, self.in_channels)
