@@ -14,6 +14,7 @@ from minideeplab import io, models
 from minideeplab import textbook as tb
 from minideeplab.backend import to_numpy
 from minideeplab.data import SyntheticShapes
+from minideeplab.gradcheck import check_module
 from minideeplab.models import DeepLabConfig
 from minideeplab.optim import SGD, AdamW
 
@@ -97,6 +98,14 @@ def test_builder_defaults_match_the_fast_builder():
     assert [k for k, _ in ours.named_parameters()] == [k for k, _ in fast.named_parameters()]
     assert ours.backbone.features.conv0.weight.dtype == np.float32
     assert tb.deeplabv3_densenet121(output_stride=8, rng=np.random.default_rng(0)).rates == (12, 24, 36)
+
+
+def test_whole_textbook_model_gradcheck():
+    """The tiny textbook DeepLabV3 (training mode, dropout on) against central differences: every tensor sampled."""
+    model = tb.build_deeplab(DeepLabConfig.small(), rng=np.random.default_rng(16), dtype=F64)
+    x = np.random.default_rng(116).standard_normal((2, 3, 33, 33))
+    result = check_module(model, x, rtol=1e-6, eps=1e-6, full_limit=4, samples=3, rng=np.random.default_rng(7))
+    assert {row.name for row in result.rows} == {"input"} | {n for n, _ in model.named_parameters()}
 
 
 # -- the whole model against the fast one ------------------------------------------------------------------------
@@ -266,3 +275,22 @@ def test_textbook_model_trains_with_the_packages_optimizer():
         opt.step()
     assert model.backbone.features.conv0.weight.dtype == np.float32 and np.isfinite(values).all()
     assert values[-1] < 0.9 * values[0], values
+
+
+def test_bench_reports_the_textbook_model_beside_ours(tmp_path):
+    """``minideeplab bench --textbook`` (quick mode): a textbook phase per row and round, its table in the Markdown;
+    the structure, never the timings."""
+    import json
+
+    from minideeplab import bench
+
+    rc = bench.main(["--quick", "--repeats", "1", "--warmup", "0", "--threads", "1", "--rounds", "2", "--no-torch",
+                     "--no-profile", "--textbook", "--out", str(tmp_path)])
+    assert rc == 0
+    report = json.loads((tmp_path / "bench_cpu_quick.json").read_text())
+    for row in report["rows"]:
+        assert len(row["textbook"]["times_s"]) == 2 and row["textbook_s"] > 0 and row["textbook_peak_rss_mib"] > 10
+        (t1, t2), (o1, o2) = row["textbook"]["times_s"], row["ours"]["times_s"]
+        assert row["textbook_round_ratios"] == pytest.approx([t1 / o1, t2 / o2])
+    md = (tmp_path / "bench_cpu_quick.md").read_text()
+    assert "The textbook model (`minideeplab.textbook`" in md and "| 16 | train |" in md
