@@ -296,13 +296,20 @@ def test_conv_matches_the_fast_paths_on_model_geometries(case, xp, rng):
 @given(n=st.integers(1, 3), c=st.integers(1, 4), h=st.integers(1, 6), w=st.integers(1, 6), train=st.booleans(),
        momentum=st.sampled_from([0.1, 0.3]), seed=st.integers(0, 2**16))
 def test_batchnorm_matches_fast_with_running_statistics(n, c, h, w, train, momentum, seed):
-    assume(not train or n * h * w >= 2)
+    assume(not train or n * h * w >= 4)        # (2 and 3 values per channel: the next test)
     rng = np.random.default_rng(seed)
     ours = _random_bn(tb.BatchNorm2d(c, momentum=momentum, dtype=F64), rng).train(train)
     errors = compare_with_fast(ours, nn.BatchNorm2d(c, momentum=momentum, dtype=F64),
                                (rng.standard_normal((n, c, h, w)) * 2 + 1,), rng, np)
     assert {"running_mean", "running_var", "num_batches_tracked"} <= errors.keys()
     assert int(ours.num_batches_tracked) == (1 if train else 0)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (1, 2, 1, 2), (3, 2, 1, 1), (1, 1, 3, 1)])
+def test_batchnorm_matches_fast_with_two_or_three_values_per_channel(shape, xp, rng):
+    ours = on(xp, _random_bn(tb.BatchNorm2d(shape[1], dtype=F64), rng))
+    compare_with_fast(ours, on(xp, nn.BatchNorm2d(shape[1], dtype=F64)), (xp.asarray(rng.standard_normal(shape)),),
+                      rng, xp)
 
 
 def test_batchnorm_running_statistics_follow_pytorch(xp, rng):

@@ -125,7 +125,7 @@ for os_, (iou, loss, sec) in results.items():
 # backward through the mean and the variance, a concatenation before every dense layer; `docs/fast_paths.md`). It
 # has the fast model's state-dict keys, and from the same Generator the same initial weights, so it trains with the
 # package's optimizers, saves with `io.save` and loads into the fast model (and back). `Trainer` builds the fast
-# model; the textbook one trains with a loop of five lines. Below both train side by side from the same weights on
+# model; the textbook one trains with a plain loop. Below both train side by side from the same weights on
 # the same batch (the dropout masks are the same too: both draw them from a Generator in the same state): the same
 # losses, step by step, up to float32 rounding, at a higher cost per step.
 
