@@ -3,6 +3,7 @@
     minideeplab bench                      # CPU, OS 32/16/8, batch 2x3x256x256 float32, ours vs PyTorch
     minideeplab bench --device cuda        # CuPy vs PyTorch CUDA (TF32 off on both sides)
     minideeplab bench --quick              # tiny config at 64x64: a smoke run in seconds
+    minideeplab bench --os 16 --textbook   # also the textbook model (minideeplab.textbook), beside ours
 
 For every output stride, four phases (ours / PyTorch x eval forward / training step), each in a *fresh
 subprocess* so that peak memory does not mix between phases and the two thread pools never interleave. The
@@ -14,8 +15,10 @@ whose speed drifts, ``--rounds R`` alternates the two frameworks' phases R times
 the R back-to-back ratios. Peak RSS is the
 phase process's high-water mark, reset (Linux ``/proc/self/clear_refs``) after the model and data are built.
 A fifth phase profiles our training step by layer type (``profiler.TypeProfiler``) and measures the conv
-GEMM efficiency against ``matmul`` on the same shapes. Results: a JSON file and a Markdown table in
-``--out`` (default ``benchmarks/results``).
+GEMM efficiency against ``matmul`` on the same shapes. ``--textbook`` adds a phase per row for the textbook model
+(``minideeplab.textbook``: the plain layers a student reads, same weights, same numbers) in each round, after ours
+and PyTorch's, and a table of its times beside ours. Results: a JSON file and a Markdown table in ``--out``
+(default ``benchmarks/results``).
 """
 from __future__ import annotations
 
@@ -146,6 +149,8 @@ def run_phase(spec: dict) -> dict:
     cuda = spec["device"] == "cuda"
     config = DeepLabConfig(**spec["config"])
     N, S = spec["batch"], spec["size"]
+    if spec["framework"] == "textbook":
+        return _run_textbook_phase(spec, config)
     rng = np.random.default_rng(0)
     model = build_deeplab(config, rng=np.random.default_rng(0))
     x = rng.standard_normal((N, 3, S, S), dtype=np.float32)
@@ -244,6 +249,34 @@ def _measure(step, spec: dict, sync) -> dict:
     return result
 
 
+def _run_textbook_phase(spec, config) -> dict:
+    """The phase of ``spec`` for the textbook model (``minideeplab.textbook``): the same weights (the same Generator),
+    input and target as ours, its own BCE loss, the package's SGD; no fast path anywhere in the model."""
+    from .backend import synchronize, to_device
+    from .optim import SGD
+    from .textbook import BCEWithLogitsLoss, build_deeplab
+
+    N, S = spec["batch"], spec["size"]
+    rng = np.random.default_rng(0)
+    model = build_deeplab(config, rng=np.random.default_rng(0))
+    x = rng.standard_normal((N, 3, S, S), dtype=np.float32)
+    target = (rng.random((N, config.num_classes, S, S)) < 0.3).astype(np.float32)
+    cuda = spec["device"] == "cuda"
+    if cuda:
+        model.to("cuda")
+        x, target = to_device(x, "cuda"), to_device(target, "cuda")
+    loss_fn, opt = BCEWithLogitsLoss(), SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def train_step():
+        opt.zero_grad()
+        loss_fn(model(x), target)
+        model.backward(loss_fn.backward(), input_grad=False)
+        opt.step()
+
+    step = _select_step(spec["mode"], model, lambda: model(x), train_step)
+    return _measure(step, spec, synchronize if cuda else None)
+
+
 def _run_torch_phase(spec, model, x, target) -> dict:
     import torch
 
@@ -328,6 +361,16 @@ def merge_rounds(results: list[dict]) -> dict:
     return merged
 
 
+def _textbook_columns(textbook_rounds: list[dict], our_rounds: list[dict]) -> dict:
+    """A row's textbook fields: its phase results over the rounds, the median time, and the ratio textbook / ours as
+    the median of each round's ratio (the two phases of a round ran back to back)."""
+    merged = merge_rounds(textbook_rounds)
+    ratios = [_median(t) / _median(o) for t, o in zip(textbook_rounds, our_rounds) if _median(t) and _median(o)]
+    return {"textbook": merged, "textbook_s": _median(merged), "textbook_cpu_s": _median(merged, "cpu_s"),
+            "textbook_peak_rss_mib": merged.get("peak_rss_mib"), "textbook_round_ratios": ratios,
+            "textbook_ratio": statistics.median(ratios) if ratios else None}
+
+
 def _fmt(v, spec="{:.3f}"):
     return "-" if v is None else spec.format(v)
 
@@ -354,6 +397,20 @@ def markdown(report: dict) -> str:
                      f"{_fmt(r['ours_cpu_s'])} | {_fmt(r['torch_cpu_s'])} | "
                      f"{_fmt(r['cpu_ratio'], '{:.2f}')} | {_fmt(r['ours_peak_rss_mib'], '{:.0f}')} | "
                      f"{_fmt(r['torch_peak_rss_mib'], '{:.0f}')} |")
+    textbook_rows = [r for r in report["rows"] if "textbook" in r]
+    if textbook_rows:
+        lines += ["", ("The textbook model (`minideeplab.textbook`: im2col convs, step-by-step batch norms, a "
+                       "concatenation before every dense layer; same weights, same numbers), its phase run after "
+                       "ours in each round (ratio: median of the rounds' ratios):"), "",
+                  ("| OS | phase | textbook (s) | ours (s) | textbook / ours | textbook CPU (s) | ours CPU (s) | "
+                   "CPU ratio | textbook peak RSS (MiB) | ours peak RSS (MiB) |"),
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in textbook_rows:
+            cpu_ratio = r["textbook_cpu_s"] / r["ours_cpu_s"] if r["textbook_cpu_s"] and r["ours_cpu_s"] else None
+            lines.append(f"| {r['output_stride']} | {r['mode']} | {_fmt(r['textbook_s'])} | {_fmt(r['ours_s'])} | "
+                         f"{_fmt(r['textbook_ratio'], '{:.2f}')} | {_fmt(r['textbook_cpu_s'])} | "
+                         f"{_fmt(r['ours_cpu_s'])} | {_fmt(cpu_ratio, '{:.2f}')} | "
+                         f"{_fmt(r['textbook_peak_rss_mib'], '{:.0f}')} | {_fmt(r['ours_peak_rss_mib'], '{:.0f}')} |")
     refused = report["machine"].get("fuse_failures")
     if refused:                                  # (on a GPU: more kernel launches than the code intends)
         lines += ["", "CuPy did not fuse, so these ran operation by operation: " +
@@ -396,6 +453,8 @@ def main(argv=None) -> int:
                          "layer's own choice)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="with --device cuda: our steps replay a captured CUDA graph (the profile stays eager)")
+    ap.add_argument("--textbook", action="store_true",
+                    help="also time the textbook model (minideeplab.textbook) in each round, reported beside ours")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for the JSON and .md")
     ap.add_argument("--phase-timeout", type=float, default=600, help="seconds before a phase is abandoned")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
@@ -428,12 +487,14 @@ def main(argv=None) -> int:
         config = (DeepLabConfig.small(output_stride=os_) if args.quick else DeepLabConfig(output_stride=os_))
         for mode in ("eval", "train"):
             spec = dict(base, config=config.to_dict(), mode=mode)
-            rounds = []                      # (ours, torch) phase results, alternating
+            rounds, textbook_rounds = [], []      # (ours, torch) phase results, alternating; textbook's
             for _ in range(args.rounds):
                 ours = spawn_phase(dict(spec, framework="ours"), args.phase_timeout)
                 theirs = spawn_phase(dict(spec, framework="torch"), args.phase_timeout) if with_torch else {}
                 rounds.append((ours, theirs))
-                for r in (ours, theirs):
+                if args.textbook:
+                    textbook_rounds.append(spawn_phase(dict(spec, framework="textbook"), args.phase_timeout))
+                for r in (ours, theirs, *textbook_rounds[-1:]):
                     if "error" in r or "skipped" in r:
                         print("  " + r.get("error", r.get("skipped")), file=sys.stderr)
             ours, theirs = merge_rounds([o for o, _ in rounds]), merge_rounds([t for _, t in rounds])
@@ -450,6 +511,8 @@ def main(argv=None) -> int:
             row["ours_cpu_s"], row["torch_cpu_s"] = _median(ours, "cpu_s"), _median(theirs, "cpu_s")
             row["cpu_ratio"] = (row["ours_cpu_s"] / row["torch_cpu_s"]
                                 if row["ours_cpu_s"] and row["torch_cpu_s"] else None)
+            if args.textbook:
+                row.update(_textbook_columns(textbook_rounds, [o for o, _ in rounds]))
             report["rows"].append(row)
             for o, _ in rounds:
                 report["machine"].setdefault("fuse_failures", {}).update(o.get("fuse_failures", {}))
@@ -458,6 +521,9 @@ def main(argv=None) -> int:
             print(f"  OS {os_:2d} {mode:5s}  ours {_fmt(row['ours_s'])} s  torch {_fmt(row['torch_s'])} s  "
                   f"ratio {_fmt(row['ratio'], '{:.2f}')} (CPU time {_fmt(row['cpu_ratio'], '{:.2f}')})  peak RSS ours {_fmt(row['ours_peak_rss_mib'], '{:.0f}')} "
                   f"/ torch {_fmt(row['torch_peak_rss_mib'], '{:.0f}')} MiB", flush=True)
+            if args.textbook:
+                print(f"  OS {os_:2d} {mode:5s}  textbook {_fmt(row['textbook_s'])} s, "
+                      f"{_fmt(row['textbook_ratio'], '{:.2f}')}x ours", flush=True)
     if not args.no_profile:
         pos = args.profile_os if not args.quick else oss[0]
         config = DeepLabConfig.small(output_stride=pos) if args.quick else DeepLabConfig(output_stride=pos)
@@ -477,7 +543,8 @@ def main(argv=None) -> int:
     write_json(stem + ".json", report)
     write_text(stem + ".md", md)
     print(f"wrote {stem}.json and {stem}.md")
-    failed = [r for r in report["rows"] if "error" in r["ours"] or "error" in r["torch"]]
+    failed = [r for r in report["rows"] if "error" in r["ours"] or "error" in r["torch"]
+              or "error" in r.get("textbook", {})]
     return 1 if failed or "error" in report.get("profile", {}) else 0
 
 

@@ -111,6 +111,11 @@ class BCEWithLogitsLoss(_ElementwiseLoss):
             PyTorch (for NCHW logits with C classes give shape (C, 1, 1)); None means 1. Converted once to the
             logits' library and dtype (``pos_weight_as``); assign a new one to change it.
         reduction: "mean" (over all elements), "sum" or "none".
+
+    Textbook twin: ``minideeplab.textbook.BCEWithLogitsLoss``, the same loss written once as
+    ``(1-t)*softplus(x) + p*t*softplus(-x)``. This one takes the shorter form when p = 1 (one softplus fewer), keeps
+    the per-element gradient from forward, checks the target is a 0/1 mask and keeps ``pos_weight`` on the device:
+    4.9 ms against 6.7 forward+backward on 2x1x256x256, one thread (benchmarks/textbook_layers.py).
     """
 
     def __init__(self, pos_weight=None, reduction: str = "mean"):
@@ -248,6 +253,11 @@ class DiceLoss(Module):
     Args:
         smooth: additive smoothing s > 0 (keeps the loss defined for empty masks: both empty gives L = 0).
         per_image: average per-image Dice losses instead of one batch-global Dice.
+
+    Textbook twin: ``minideeplab.textbook.DiceLoss``, ``1 - (2*sum(p*t) + s) / (sum(p) + sum(t) + s)`` as written.
+    This one is not faster: it pays for its accuracy near a perfect prediction (the wrong-class probabilities from
+    their own sigmoids, the target check) with 4.0 ms against the textbook's 1.6 forward+backward on 2x1x256x256,
+    one thread (benchmarks/textbook_layers.py).
     """
 
     def __init__(self, smooth: float = 1.0, per_image: bool = False):

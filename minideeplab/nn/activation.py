@@ -30,6 +30,9 @@ class ReLU(Module):
     Training mode keeps the mask ``x > 0`` for backward (one byte per value, cheapest to apply). Eval mode keeps
     only a reference to the output, which the next layer holds anyway, and backward rebuilds the mask from it
     (``out > 0`` exactly where ``x > 0``): inference never pays for a mask it does not use.
+
+    Textbook twin: ``minideeplab.textbook.ReLU``, the same arithmetic; what differs is memory (``inplace``, no mask in
+    eval), not speed: 1.4 ms against 1.5 forward+backward on 2x128x64x64 (benchmarks/textbook_layers.py).
     """
 
     def __init__(self, inplace: bool = False):
@@ -60,7 +63,9 @@ class ReLU(Module):
 
 
 class Sigmoid(Module):
-    """1 / (1 + exp(-x)), computed stably. Shapes: any -> same."""
+    """1 / (1 + exp(-x)), computed stably. Shapes: any -> same.
+
+    Textbook twin: ``minideeplab.textbook.Sigmoid``, the same code."""
 
     def __init__(self):
         super().__init__()
@@ -91,6 +96,10 @@ class Dropout(Module):
     Args:
         p: drop probability in [0, 1).
         rng: ``numpy.random.Generator`` that draws the masks (explicit, so runs are reproducible).
+
+    Textbook twin: ``minideeplab.textbook.Dropout``, which draws the same masks (``rng.random(shape) >= p``, scaled by
+    1/(1-p)) from a Generator in the same state; this layer only adds ``draw_ahead`` for CUDA-graph replays. Same
+    speed.
     """
 
     def __init__(self, p: float = 0.5, rng: np.random.Generator | None = None):

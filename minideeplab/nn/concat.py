@@ -16,6 +16,10 @@ class Concat(Module):
 
     Args:
         dim: the axis to join along.
+
+    Textbook twin: none as a layer; ``minideeplab.textbook.ASPP`` and ``textbook.DenseBlock`` concatenate inline
+    (``xp.concatenate``) and split the gradient in their own backward, as this module's backward does. The fast
+    dense block needs no concatenation at all (one shared buffer, ``models.densenet.DenseBlock``).
     """
 
     def __init__(self, dim: int = 1):

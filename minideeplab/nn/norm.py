@@ -40,6 +40,14 @@ class BatchNorm2d(Module):
         momentum: weight of the current batch in the running estimates.
         affine: learn ``weight`` (gamma, init 1) and ``bias`` (beta, init 0).
         dtype: dtype of the parameters and running statistics; inputs must match it.
+
+    Textbook twin: ``minideeplab.textbook.BatchNorm2d``, which builds xhat and steps backward through the variance and
+    the mean. This layer never builds xhat (out = centered * (gamma * inv_std) + beta), writes dL/dx in closed form,
+    ``scale * (dout - mean(dout) - k * centered)``, in one pass, takes its per-channel sums as BLAS products
+    (``functional.channel_sum``) and each per-channel chain as one kernel on a GPU (``backend.fuse``), and lets a dense
+    block share its batch statistics (``stats``) and a fused head fold it (``affine_map``, ``backward_terms``).
+    Forward+backward on 2x128x64x64, one thread: 5.1 ms against the textbook's 10.7 in training, 2.7 against 5.2 in
+    eval (benchmarks/textbook_layers.py).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,

@@ -49,6 +49,9 @@ class Upsample(Module):
         scale_factor: float or pair of floats.
         mode: only "bilinear".
         align_corners: PyTorch's meaning.
+
+    Textbook twin: ``minideeplab.textbook.Upsample``, the same two interpolation matrices; this layer only keeps them
+    between calls of the same shape and multiplies through ``backend.matmul`` (for CUDA graphs).
     """
 
     def __init__(self, size=None, scale_factor=None, mode: str = "bilinear", align_corners: bool = False):

@@ -112,6 +112,73 @@ rhs = np.sum(x * col2im(c, x.shape, **args))
 print(f"<im2col(x), c> = {lhs:.12f}\n<x, col2im(c)> = {rhs:.12f}")
 
 # %% [markdown]
+# ## The textbook convolution, on one screen
+#
+# `minideeplab.textbook.Conv2d` is the convolution exactly as derived above and nothing else: `im2col`, one matrix
+# product, and in backward two more products and `col2im`. With $W_2$ the weight reshaped to $(F, C k_h k_w)$ and
+# `cols` the columns of image $n$:
+#
+# $$\text{out}_n = W_2\,\text{cols}_n + b,\qquad \frac{\partial L}{\partial W_2} = \sum_n dout_n\,\text{cols}_n^\top,
+# \qquad \frac{\partial L}{\partial b} = \sum_{n,y,x} dout,\qquad dx = \text{col2im}\big(W_2^\top\, dout\big).$$
+#
+# Here is its source, the two helpers first (both loop over the kernel offsets only, never over pixels; `col2im`
+# *adds* where windows overlap). Step through it with a debugger: nothing is hidden.
+
+# %%
+import inspect
+
+from minideeplab import textbook
+
+print(inspect.getsource(textbook.im2col))
+print(inspect.getsource(textbook.col2im))
+
+# %%
+print(inspect.getsource(textbook.Conv2d.forward))
+print(inspect.getsource(textbook.Conv2d.backward))
+
+# %% [markdown]
+# Run it, and run the fast `minideeplab.nn.Conv2d` with the same weights (`load_state_dict`) on the same input and
+# upstream gradient: the same numbers. The fast layer picks one of five ways to reach the matrix product by the shape
+# (`conv.path`; `docs/fast_paths.md` walks them); the textbook layer always takes im2col.
+
+# %%
+import time
+
+
+def median_ms(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+C, F, size = (32, 16, 24) if SHORT else (128, 32, 64)        # the dense layers' 3x3 conv: 128 -> 32 at 64x64
+plain = textbook.Conv2d(C, F, 3, padding=1, bias=False, rng=rng, dtype=np.float64)
+fast = nn.Conv2d(C, F, 3, padding=1, bias=False, rng=rng, dtype=np.float64)
+fast.load_state_dict(plain.state_dict())
+x = rng.standard_normal((2, C, size, size))
+dout = rng.standard_normal((2, F, size, size))
+results = {}
+for name, layer in (("textbook", plain), ("fast", fast)):
+    layer.zero_grad()
+    out = layer(x)
+    results[name] = (out, layer.backward(dout), layer.weight.grad.copy())
+for what, a, b in zip(("output", "dx", "dW"), results["textbook"], results["fast"]):
+    print(f"{what:>6}: max |textbook - fast| / max |fast| = {np.abs(a - b).max() / np.abs(b).max():.1e}")
+print("the fast layer took the", repr(fast.path), "path")
+
+
+def step(layer):
+    layer(x)
+    layer.backward(dout)
+
+
+for name, layer in (("textbook", plain), ("fast", fast)):
+    print(f"{name:>8}: {median_ms(lambda: step(layer), 3 if SHORT else 7):6.1f} ms forward+backward (float64)")
+
+# %% [markdown]
 # ## Checking a backward pass by finite differences
 #
 # For a random upstream gradient `dout` define $L = \sum \text{conv}(x) \cdot dout$. Backward must return

@@ -132,6 +132,105 @@ plt.show()
 block.zero_grad()
 
 # %% [markdown]
+# ## The textbook layers: batch norm's backward, step by step
+#
+# `minideeplab.textbook.BatchNorm2d` is the layer as the derivation goes. In training each channel's output is
+# $\gamma \hat x + \beta$ with $\hat x = (x - \mu)/\sqrt{\sigma^2 + \epsilon}$, and $x$ reaches the loss three ways:
+# through $\hat x$ directly, through the variance $\sigma^2$ and through the mean $\mu$ (each a function of every $x$
+# of the channel). Its backward follows those three paths one line each (with $m = N H W$ values per channel):
+#
+# $$\frac{\partial L}{\partial \sigma^2} = \sum \frac{\partial L}{\partial \hat x}\,(x - \mu)\cdot
+# \left(-\tfrac12\right)(\sigma^2 + \epsilon)^{-3/2},\qquad
+# \frac{\partial L}{\partial \mu} = -\sum \frac{\partial L}{\partial \hat x}\,(\sigma^2 + \epsilon)^{-1/2}
+# + \frac{\partial L}{\partial \sigma^2}\cdot\frac{-2}{m}\sum (x - \mu),$$
+#
+# $$dx = \frac{\partial L}{\partial \hat x}\,(\sigma^2 + \epsilon)^{-1/2} + \frac{\partial L}{\partial \sigma^2}
+# \cdot\frac{2 (x - \mu)}{m} + \frac{\partial L}{\partial \mu}\cdot\frac1m .$$
+#
+# In eval mode $\mu$ and $\sigma^2$ are the running estimates, constants, and only the first term remains.
+
+# %%
+import inspect
+import time
+
+from minideeplab import textbook
+from minideeplab.models.densenet import DenseBlock as FastDenseBlock
+
+print(inspect.getsource(textbook.BatchNorm2d.forward))
+print(inspect.getsource(textbook.BatchNorm2d.backward))
+
+# %% [markdown]
+# The fast `minideeplab.nn.BatchNorm2d` computes the same thing in closed form,
+# $\frac{\gamma}{\sigma}\big(dout - \overline{dout} - \hat x\,\overline{dout\cdot\hat x}\big)$, in one pass and
+# without ever building $\hat x$ (its docstring says what else it does). The same numbers, including the running
+# statistics it updates, and the times of forward + backward:
+
+
+# %%
+def median_ms(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def run_pair(plain, fast, x, dout, repeats):
+    """The same state, input and upstream gradient through both: worst relative differences, then the times."""
+    fast.load_state_dict(plain.state_dict())
+    state = {k: v.copy() for k, v in plain.state_dict().items()}
+    outs = {}
+    for name, layer in (("textbook", plain), ("fast", fast)):
+        layer.load_state_dict(state)
+        layer.zero_grad()
+        y = layer(x)
+        outs[name] = [y, layer.backward(dout)] + [p.grad.copy() for p in layer.parameters()] \
+            + [b.copy() for b in layer.state_dict().values() if b.dtype.kind == "f" and b.ndim == 1 and b.shape != ()]
+    worst = max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300)) for a, b in zip(outs["textbook"], outs["fast"]))
+    print(f"{len(outs['fast'])} tensors (output, dx, parameter gradients, running statistics): worst relative "
+          f"difference {worst:.1e}")
+
+    def step(layer):
+        layer(x)
+        layer.backward(dout)
+    for name, layer in (("textbook", plain), ("fast", fast)):
+        print(f"{name:>8}: {median_ms(lambda: step(layer), repeats):7.1f} ms forward+backward")
+
+
+C, size = (16, 16) if SHORT else (128, 64)
+x = rng.standard_normal((2, C, size, size))
+plain_bn = textbook.BatchNorm2d(C, dtype=np.float64)
+plain_bn.weight.data[...] = rng.uniform(0.5, 1.5, C)
+run_pair(plain_bn, nn.BatchNorm2d(C, dtype=np.float64), x, rng.standard_normal(x.shape), 3 if SHORT else 7)
+
+# %% [markdown]
+# ## The textbook dense block: a concatenation before every layer
+#
+# `textbook.DenseBlock` does what the paper's diagram shows: before layer $l$ it concatenates the block input and the
+# $l-1$ earlier outputs, and returns the concatenation of all of them. Its backward is the two rules of a join and a
+# fork. The concatenation *splits* the gradient: each slice of the output's gradient belongs to the tensor that was
+# concatenated there. Each tensor was *read* by every later layer, so its gradient is the *sum* of its own slice and
+# of what every later layer sends back. Going backwards through the layers, the slice of layer $l$ is complete when
+# the loop reaches it, and its input gradient is added onto the slices it read:
+
+# %%
+print(inspect.getsource(textbook.DenseBlock.forward))
+print(inspect.getsource(textbook.DenseBlock.backward))
+
+# %% [markdown]
+# The fast `DenseBlock` above never concatenates: one buffer, prefix views, shared batch statistics (its docstring,
+# and the sections above). The same numbers, and the times in training mode, for block 1 of DenseNet121 (6 layers,
+# 64 -> 256 channels; float64):
+
+# %%
+layers, C0, growth, size = (3, 8, 4, 12) if SHORT else (6, 64, 32, 32)
+plain_block = textbook.DenseBlock(layers, C0, 4, growth, rng=rng, dtype=np.float64)
+fast_block = FastDenseBlock(layers, C0, 4, growth, rng=rng, dtype=np.float64)
+x = rng.standard_normal((2, C0, size, size))
+run_pair(plain_block, fast_block, x, rng.standard_normal((2, plain_block.out_channels, size, size)), 2 if SHORT else 5)
+
+# %% [markdown]
 # ## Gradient check of the block
 #
 # The whole dense block (batch norm in training mode, every layer) against central differences in float64.

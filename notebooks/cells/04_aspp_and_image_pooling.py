@@ -111,8 +111,73 @@ plt.show()
 # %% [markdown]
 # Note that the left region is exactly the backbone's own field at the corner: on the 16×16 feature map of a
 # 256×256 image, rate 18 puts the outer taps of the 3×3 filter outside the map everywhere, so only the centre tap
-# is valid. The computation skips those taps too (the convolution's `taps` path computes only taps that touch real
-# input), so the rate-18 branch costs one tap there instead of nine.
+# is valid. The computation skips those taps too: the convolution leaves out every tap that touches no real input,
+# so the rate-18 branch costs one tap there instead of nine (its single tap covers the whole map and runs as one
+# 1×1 product, the `kn2row` path; `docs/fast_paths.md`).
+
+# %% [markdown]
+# ## The textbook ASPP: the fork and the join
+#
+# `minideeplab.textbook.ASPP` is the diagram as code. In forward the features $x$ *fork* into five branches, and
+# their outputs *join* in one concatenation before the projection:
+#
+# $$y = \text{project}\big(\text{concat}(b_1(x), \dots, b_4(x), \text{pool}(x))\big).$$
+#
+# Backward undoes each in reverse: the join's backward *splits* the gradient of the concatenation into one slice per
+# branch, and, because all five branches read the same $x$, the fork's backward *sums* their input gradients,
+# $\partial L/\partial x = \sum_b \partial L/\partial x\,\big|_b$.
+
+# %%
+import inspect
+import time
+
+from minideeplab import textbook
+
+print(inspect.getsource(textbook.ASPP.forward))
+print(inspect.getsource(textbook.ASPP.backward))
+
+# %% [markdown]
+# The image-pooling branch is a plain sequence (global average pool, 1×1 conv, BN, ReLU, upsample: `Sequential`'s
+# backward runs them in reverse); only its forward adds the batch-size check:
+
+# %%
+print(inspect.getsource(textbook.ASPPPooling.forward))
+
+# %% [markdown]
+# The fast `ASPP` has the same branches, fork and join; its speed is in the layers (the atrous convolutions skip the
+# taps that read padding). The same numbers, and the times, with the real model's widths at output stride 16 (1024
+# channels in, 256 per branch, on a 16×16 map: a 256×256 image; float64, training mode, dropout off so that the
+# comparison needs no shared random masks):
+
+# %%
+C_in, width, size = (64, 16, 8) if SHORT else (1024, 256, 16)
+plain_aspp = textbook.ASPP(C_in, width, rates=(6, 12, 18), dropout=0.0, rng=rng, dtype=np.float64)
+fast_aspp = ASPP(C_in, width, rates=(6, 12, 18), dropout=0.0, rng=rng, dtype=np.float64)
+fast_aspp.load_state_dict(plain_aspp.state_dict())
+x = rng.standard_normal((2, C_in, size, size))
+dout = rng.standard_normal((2, width, size, size))
+results = {}
+for name, layer in (("textbook", plain_aspp), ("fast", fast_aspp)):
+    layer.zero_grad()
+    y = layer(x)
+    results[name] = [y, layer.backward(dout)] + [p.grad.copy() for p in layer.parameters()]
+worst = max(float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(results["textbook"], results["fast"]))
+print(f"{len(results['fast'])} tensors (output, dx, every parameter gradient): worst relative difference {worst:.1e}")
+print("fast branch paths:", [b.conv.path for b in fast_aspp.branches])
+
+
+def step(layer):
+    layer(x)
+    layer.backward(dout)
+
+
+for name, layer in (("textbook", plain_aspp), ("fast", fast_aspp)):
+    times = []
+    for _ in range(2 if SHORT else 5):
+        t = time.perf_counter()
+        step(layer)
+        times.append(time.perf_counter() - t)
+    print(f"{name:>8}: {1e3 * sorted(times)[len(times) // 2]:7.1f} ms forward+backward")
 
 # %% [markdown]
 # ## Gradient check of an ASPP module

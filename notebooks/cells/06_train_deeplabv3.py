@@ -119,6 +119,53 @@ for os_, (iou, loss, sec) in results.items():
     print(f"{os_:>3} {iou:>8.3f} {loss:>9.4f} {sec:>9.3f}")
 
 # %% [markdown]
+# ## Training the textbook model
+#
+# `minideeplab.textbook` holds the same network in its plainest form (im2col convolutions, batch norms that step
+# backward through the mean and the variance, a concatenation before every dense layer; `docs/fast_paths.md`). It
+# has the fast model's state-dict keys, and from the same Generator the same initial weights, so it trains with the
+# package's optimizers, saves with `io.save` and loads into the fast model (and back). `Trainer` builds the fast
+# model; the textbook one trains with a plain loop. Below both train side by side from the same weights on
+# the same batch (the dropout masks are the same too: both draw them from a Generator in the same state): the same
+# losses, step by step, up to float32 rounding, at a higher cost per step.
+
+# %%
+import time
+
+from minideeplab import textbook
+from minideeplab.losses import BCEWithLogitsLoss
+from minideeplab.optim import AdamW
+
+size, batch, steps = (48, 4, 3) if SHORT else (64, 8, 15)
+shapes = SyntheticShapes(batch, size=size, seed=1)
+images, masks = (np.stack(a) for a in zip(*(shapes[i] for i in range(batch))))
+small = DeepLabConfig.small()
+runs = {}
+for name, build, loss_fn in (("textbook", textbook.build_deeplab, textbook.BCEWithLogitsLoss()),
+                             ("fast", build_deeplab, BCEWithLogitsLoss())):
+    net = build(small, rng=np.random.default_rng(0))
+    opt = AdamW(net.parameters(), lr=3e-3)
+    values, seconds = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        opt.zero_grad()
+        loss = loss_fn(net(images), masks)
+        net.backward(loss_fn.backward(), input_grad=False)
+        opt.step()
+        seconds.append(time.perf_counter() - start)
+        values.append(float(loss))
+    runs[name] = (values, seconds)
+print(f"{'step':>4} {'textbook loss':>14} {'fast loss':>10}")
+for i, (a, b) in enumerate(zip(runs["textbook"][0], runs["fast"][0])):
+    print(f"{i + 1:>4} {a:>14.6f} {b:>10.6f}")
+for name, (_, seconds) in runs.items():
+    print(f"{name:>8}: {np.median(seconds):.3f} s per step (median; batch {batch}x3x{size}x{size}, small config)")
+
+# %% [markdown]
+# On the real model (DenseNet121, output stride 16, batch 2×3×256×256, one CPU) `minideeplab bench --os 16
+# --textbook` times the textbook model's training step beside the fast one's (benchmarks/README.md, "The textbook
+# model").
+#
 # ## Gradient check of the whole model
 #
 # The tiny DeepLabV3 (float64, training mode, a batch of two) against central differences: every parameter of the
