@@ -121,18 +121,18 @@ def _short(items, limit=8) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def _state_mismatches(own: dict, arrays: dict) -> list[str]:
+def _state_mismatches(own: dict, arrays: dict, limit: int = 8) -> list[str]:
     missing = [k for k in own if k not in arrays]
     unexpected = [k for k in arrays if k not in own]
     shapes = [f"{k}: model {tuple(own[k].shape)} vs file {tuple(arrays[k].shape)}"
               for k in own if k in arrays and tuple(own[k].shape) != tuple(arrays[k].shape)]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} keys missing from the file ({_short(missing)})")
+        problems.append(f"{len(missing)} keys missing from the file ({_short(missing, limit)})")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys in the file ({_short(unexpected)})")
+        problems.append(f"{len(unexpected)} unexpected keys in the file ({_short(unexpected, limit)})")
     if shapes:
-        problems.append(f"{len(shapes)} shape mismatches ({_short(shapes)})")
+        problems.append(f"{len(shapes)} shape mismatches ({_short(shapes, limit)})")
     return problems
 
 
@@ -227,46 +227,155 @@ def load_model_and_meta(path, dtype=None):
     return model, meta
 
 
+# -- torchvision's DenseNet-121 weights in ----------------------------------------------------------------------
 # torchvision's old checkpoints name the dense-layer modules 'norm.1', 'relu.1', 'conv.1', 'norm.2', ... (dots
 # are no longer allowed in module names); the ImageNet densenet121 .pth still has them.
 _LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+# where training scripts nest the weights: torch.save({"epoch": 5, "state_dict": ..., "optimizer": ...}, path)
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "weights")
+_TV_NAME = "import_torchvision_densenet121"
+TORCHVISION_DENSENET121_URL = "https://download.pytorch.org/models/densenet121-a639ec97.pth"
 
 
-def import_torchvision_densenet121(path_or_state_dict, model):
+def import_torchvision_densenet121(path_or_state_dict, model, allow_pickle: bool = False):
     """Load torchvision's DenseNet-121 weights (e.g. the ImageNet ``densenet121-a639ec97.pth``) into a backbone.
 
     Args:
         path_or_state_dict: a ``.pth`` path (read with ``torch.load(..., weights_only=True)``; needs torch) or a
-            state dict of torch tensors / NumPy arrays. Legacy keys ``denselayerN.norm.1.weight`` are renamed to
-            ``denselayerN.norm1.weight`` (same for relu/conv and ``.2``); ``classifier.*`` is ignored; a missing
-            ``num_batches_tracked`` (old checkpoints) keeps the model's value.
+            state dict of torch tensors / NumPy arrays. Accepted too: a state dict nested under ``"state_dict"``,
+            ``"model"`` (and similar) keys as training scripts save it, keys prefixed with ``module.``
+            (``DataParallel``/``DistributedDataParallel``), and ``model.features.state_dict()`` (no ``features.``
+            prefix). Legacy keys ``denselayerN.norm.1.weight`` are renamed to ``denselayerN.norm1.weight`` (same for
+            relu/conv and ``.2``); ``classifier.*`` is ignored; a missing ``num_batches_tracked`` (old checkpoints)
+            keeps the model's value.
         model: a ``DeepLabV3`` (its ``backbone`` is loaded) or a ``DenseNet``, built with the densenet121 shape.
+        allow_pickle: read a file that holds pickled Python objects (a whole model saved with
+            ``torch.save(model)``) with ``weights_only=False``. That runs code from the file: only for files you
+            trust. By default such a file is refused with a ValueError saying so.
 
     Returns:
         ``model`` (loaded in place; the head keeps its initialisation).
+
+    Raises:
+        ValueError (naming the file) for a path that is not a file, a file torch cannot read, a file without a
+        state dict, or weights of another architecture (counts of missing/unexpected/mismatched keys, with
+        examples); ImportError naming ``pip install torch`` when a path is given and torch is missing.
     """
-    if isinstance(path_or_state_dict, (str, os.PathLike)):
-        try:
-            import torch
-        except ImportError:
-            raise ImportError("import_torchvision_densenet121: reading a .pth file needs PyTorch "
-                              "(pip install torch), or pass a state dict of NumPy arrays") from None
-        state = torch.load(os.fspath(path_or_state_dict), map_location="cpu", weights_only=True)
-    else:
-        state = path_or_state_dict
+    source = repr(os.fspath(path_or_state_dict)) if isinstance(path_or_state_dict, (str, os.PathLike)) \
+        else "the state dict"
+    obj = (_read_torch_file(os.fspath(path_or_state_dict), allow_pickle)
+           if isinstance(path_or_state_dict, (str, os.PathLike)) else path_or_state_dict)
+    state = _find_state_dict(obj, source)
     arrays = {}
     for key, value in state.items():
         if key.startswith("classifier."):
             continue
         m = _LEGACY_KEY.match(key)
-        key = m.group(1) + m.group(2) if m else key
-        arrays[key] = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+        arrays[m.group(1) + m.group(2) if m else key] = _host_array(value, key, source)
     backbone = getattr(model, "backbone", model)
     own = backbone.state_dict()
+    if not any(k.startswith("features.") for k in arrays) and any("features." + k in own for k in arrays):
+        arrays = {"features." + k: v for k, v in arrays.items()}     # model.features.state_dict()
     optional = {k for k in own if k.endswith("num_batches_tracked") and k not in arrays}
-    problems = _state_mismatches({k: v for k, v in own.items() if k not in optional}, arrays)
-    if problems:
-        raise ValueError("import_torchvision_densenet121: the state dict does not fit the DenseNet-121 backbone: "
-                         + "; ".join(problems))
+    required = {k: v for k, v in own.items() if k not in optional}
+    problem = _backbone_mismatch(required, arrays)
+    if problem:
+        config = getattr(model, "config", None)
+        shape = f" (block_config {tuple(config.block_config)}, growth_rate {config.growth_rate})" \
+            if hasattr(config, "block_config") else ""
+        raise ValueError(f"{_TV_NAME}: {source} does not fit the model's DenseNet backbone{shape}: {problem}")
     backbone.load_state_dict(arrays, strict=False)
     return model
+
+
+def _read_torch_file(path: str, allow_pickle: bool):
+    """What ``torch.load`` returns for ``path`` (on the CPU), or a ValueError/ImportError that says what is wrong."""
+    if not os.path.isfile(path):
+        what = "a folder, not a file" if os.path.isdir(path) else "not a file (no such file)"
+        raise ValueError(f"{_TV_NAME}: {path!r} is {what}; expected a .pth file such as torchvision's "
+                         f"densenet121-a639ec97.pth ({TORCHVISION_DENSENET121_URL})")
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"{_TV_NAME}: reading the .pth file {path!r} needs PyTorch (pip install torch), or pass "
+                          "a state dict of NumPy arrays") from None
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if names and all(n.endswith(".npy") for n in names):
+            raise ValueError(f"{_TV_NAME}: {path!r} is a NumPy .npz archive, not a PyTorch checkpoint (a minideeplab "
+                             "checkpoint loads with minideeplab.io.load_model or io.load)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except Exception as e:   # torch.load raises UnpicklingError, RuntimeError, KeyError, EOFError, ... for bad files
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if refused and not allow_pickle:
+            raise ValueError(f"{_TV_NAME}: {path!r} holds a pickled Python object ({refused.group(1)}), e.g. a whole "
+                             "model saved with torch.save(model), not a state dict, and weights_only loading refuses "
+                             "it. Re-save it with torch.save(model.state_dict(), path), or pass allow_pickle=True "
+                             "if you trust the file (unpickling runs code from it)") from None
+        if isinstance(e, ModuleNotFoundError):
+            raise ValueError(f"{_TV_NAME}: the object pickled in {path!r} needs the module {e.name!r} to load "
+                             f"(pip install {e.name.split('.')[0]}), or re-save its state_dict()") from None
+        raise ValueError(f"{_TV_NAME}: {path!r} is not a PyTorch checkpoint that torch.load can read "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    """An exception's message on one line, the telling part of torch's long weights-only message, cut to ``limit``."""
+    text = " ".join(str(e).split())
+    detail = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+    text = detail.group(1) if detail else text
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _is_state(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(hasattr(v, "shape") for v in obj.values())
+
+
+def _find_state_dict(obj, source: str) -> dict:
+    """The flat ``{key: tensor or array}`` inside what a file held: the object itself, a pickled module's
+    ``state_dict()``, or a dict nested under ``state_dict``/``model``/... keys; ``module.`` prefixes removed."""
+    for _ in range(4):          # a few levels: {"model": {"state_dict": {...}}} exists in the wild
+        if callable(getattr(obj, "state_dict", None)) and not isinstance(obj, dict):
+            obj = obj.state_dict()         # a pickled torch.nn.Module (allow_pickle=True)
+        if _is_state(obj):
+            break
+        if not isinstance(obj, dict):
+            raise ValueError(f"{_TV_NAME}: {source} holds a {type(obj).__name__}, not a state dict "
+                             "(a dict of tensors, as torch.save(model.state_dict(), path) writes)")
+        nested = next((obj[k] for k in _NESTED_KEYS if k in obj), None)
+        if nested is None:
+            keys = [str(k) for k in obj]
+            raise ValueError(f"{_TV_NAME}: {source} is a dict of {len(keys)} entries ({_short(keys, 5)}) but neither "
+                             f"a state dict of tensors nor one nested under {_short(_NESTED_KEYS, 3)}")
+        obj = nested
+    else:
+        raise ValueError(f"{_TV_NAME}: no state dict found in {source} (nested too deep)")
+    state = dict(obj)
+    if all(str(k).startswith("module.") for k in state):      # saved from DataParallel / DistributedDataParallel
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _host_array(value, key: str, source: str) -> np.ndarray:
+    """A tensor (any device; bfloat16 and other dtypes NumPy lacks become float32) or an array, as NumPy."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+        if value.is_floating_point() and str(value.dtype) not in ("torch.float16", "torch.float32", "torch.float64"):
+            value = value.float()
+        return value.numpy()
+    if not hasattr(value, "shape"):
+        raise ValueError(f"{_TV_NAME}: entry {key!r} of {source} is a {type(value).__name__}, not a tensor or array")
+    return np.asarray(value)
+
+
+def _backbone_mismatch(own: dict, arrays: dict) -> str | None:
+    """None when ``arrays`` fits the backbone's keys and shapes; else a short message with counts and examples.
+    A file that shares hardly any keys (another architecture altogether, e.g. a ResNet) gets one line saying so."""
+    found = [k for k in own if k in arrays]
+    if len(found) < len(own) // 2:
+        return (f"only {len(found)} of the backbone's {len(own)} keys are in it, which has {len(arrays)} keys; "
+                f"not DenseNet-121 weights? (expected e.g. {', '.join(list(own)[:2])}; it has e.g. "
+                f"{', '.join(list(arrays)[:3])})")
+    return "; ".join(_state_mismatches(own, arrays, limit=3)) or None
