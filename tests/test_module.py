@@ -74,8 +74,8 @@ def test_load_state_dict_strict_errors_list_every_problem(rng):
     with pytest.raises(ValueError, match=r"Block\.load_state_dict") as err:
         block.load_state_dict(state)
     msg = str(err.value)
-    assert "missing keys: ['bn.running_var']" in msg
-    assert "unexpected keys: ['bn.extra']" in msg
+    assert "missing keys (1): bn.running_var;" in msg
+    assert "unexpected keys (1): bn.extra;" in msg
     assert "head.bias: expected (1,), got (5,)" in msg
 
 
