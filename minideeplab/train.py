@@ -13,6 +13,7 @@ optimizer update, which is never interrupted) and saves that.
 from __future__ import annotations
 
 import csv
+import os
 import signal
 import threading
 import time
@@ -23,10 +24,12 @@ import numpy as np
 
 from .backend import check_device, to_device, to_numpy
 from .checkpoint import generator_state, load_checkpoint, save_checkpoint, set_generator_state
-from .data import DataLoader, FolderDataset, Subset, SyntheticShapes, train_transform
+from .data import ConcatDataset, DataLoader, FolderDataset, Subset, SyntheticShapes, train_transform
+from .data.decode import VOID_CHOICES
 from .io import atomic_write
 from .losses import build_loss
 from .metrics import COUNT_NAMES, ConfusionMeter
+from .models.densenet import min_input_size_for
 from .nn import sigmoid
 from .optim import build_optimizer, build_scheduler
 
@@ -41,13 +44,16 @@ class TrainConfig:
 
     Args:
         data: "shapes" (SyntheticShapes) or a folder (``root/images`` + ``root/masks``, or ``root/train`` and
-            ``root/val`` each with that layout; a single folder is split with ``val_fraction``).
+            ``root/val`` each with that layout; a single folder is split with ``val_fraction``). A relative folder
+            is made absolute when the config is created, so a run resumes from any working directory.
         model: "densenet121" (DeepLabConfig defaults) or "small" (DeepLabConfig.small).
         output_stride, image_size, epochs, batch_size, lr, optimizer, weight_decay, scheduler, warmup_steps, loss:
             the usual; the schedule steps once per iteration.
         train_size, val_size: number of SyntheticShapes images (ignored for folders).
         augment: random scale + crop, flip and colour jitter on the training set.
         device: "cpu" or "cuda". seed: the run's single seed. threshold: for IoU/Dice.
+        mask_void: what the void pixels of VOC-style masks become: "background", "object" or "error"
+            (``minideeplab.data.decode``).
     """
     data: str = "shapes"
     model: str = "densenet121"
@@ -68,6 +74,11 @@ class TrainConfig:
     device: str = "cpu"
     seed: int = 0
     threshold: float = 0.5
+    mask_void: str = "background"
+
+    def __post_init__(self):
+        if isinstance(self.data, (str, os.PathLike)) and os.fspath(self.data) != "shapes":
+            self.data = os.path.abspath(os.fspath(self.data))
 
     def validate(self) -> TrainConfig:
         """Raise ValueError with a clear message for an invalid setting; return self."""
@@ -76,7 +87,10 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {msg}")
         need(self.model in MODELS, f"model must be one of {MODELS}, got {self.model!r}")
         need(self.output_stride in (8, 16, 32), f"output_stride must be 8, 16 or 32, got {self.output_stride}")
-        need(self.image_size >= 16, f"image_size must be >= 16, got {self.image_size}")
+        smallest = min_input_size_for(self.output_stride)      # 5, 13, 29 px: computed from the layers
+        need(self.image_size >= smallest, f"image_size {self.image_size} is too small at output stride "
+             f"{self.output_stride}: the network needs images of at least {smallest}x{smallest} pixels")
+        need(self.mask_void in VOID_CHOICES, f"mask_void must be one of {VOID_CHOICES}, got {self.mask_void!r}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 2, f"batch_size must be >= 2 (batch norm needs two images), got {self.batch_size}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -102,24 +116,109 @@ class TrainConfig:
         return base(output_stride=self.output_stride)
 
 
-def build_datasets(cfg: TrainConfig, augment_rng: np.random.Generator):
-    """The training set (augmented with ``augment_rng``) and the validation set (never augmented)."""
+def build_datasets(cfg: TrainConfig, augment_rng: np.random.Generator, progress: bool | None = None):
+    """The training set (augmented with ``augment_rng``) and the validation set (never augmented). Folders are
+    decoded and checked file by file here (``FolderDataset.verify``), before any training step."""
     transform = train_transform(cfg.image_size) if cfg.augment else None
     if cfg.data == "shapes":
         return (SyntheticShapes(cfg.train_size, cfg.image_size, seed=cfg.seed, split=0, transform=transform,
                                 rng=augment_rng),
                 SyntheticShapes(cfg.val_size, cfg.image_size, seed=cfg.seed, split=1))
     root = Path(cfg.data)
+    kw = {"mask_void": cfg.mask_void, "progress": progress}
     if (root / "train").is_dir() and (root / "val").is_dir():
-        return (FolderDataset(root / "train", cfg.image_size, transform=transform, rng=augment_rng),
-                FolderDataset(root / "val", cfg.image_size))
-    train_all = FolderDataset(root, cfg.image_size, transform=transform, rng=augment_rng)
-    n = len(train_all)
+        return (FolderDataset(root / "train", cfg.image_size, transform=transform, rng=augment_rng, **kw),
+                FolderDataset(root / "val", cfg.image_size, **kw))
+    train_all = FolderDataset(root, cfg.image_size, transform=transform, rng=augment_rng, **kw)
+    val_all = FolderDataset(root, cfg.image_size, mask_void=cfg.mask_void, verify=False)
+    val_all.records = train_all.records           # the same files, checked once
+    train_idx, val_idx = folder_split(cfg, len(train_all), root)
+    return Subset(train_all, train_idx), Subset(val_all, val_idx)
+
+
+def folder_split(cfg: TrainConfig, n: int, root) -> tuple[np.ndarray, np.ndarray]:
+    """``(train indices, validation indices)`` of a single folder of ``n`` pairs: a permutation drawn from the
+    run's seed, its first ``round(n * val_fraction)`` (at least 1, at most n - 1) for validation."""
     if n < 2:
         raise ValueError(f"dataset {str(root)!r} has {n} image; need at least 2 to split into train and validation")
     order = np.random.default_rng([cfg.seed, 7]).permutation(n)
     n_val = min(n - 1, max(1, round(n * cfg.val_fraction)))
-    return Subset(train_all, order[n_val:]), Subset(FolderDataset(root, cfg.image_size), order[:n_val])
+    return order[n_val:], order[:n_val]
+
+
+def evaluation_set(cfg: TrainConfig, data: str | None = None, split: str | None = None,
+                   fingerprint: dict | None = None):
+    """The dataset ``minideeplab evaluate`` scores, and a label saying what it is.
+
+    ``data`` None (or the run's own folder, or a copy of it: same file names and sizes) means the run's data, where
+    ``split`` "val" (the default) is exactly the validation set the run validated on, "train" its training images
+    (not augmented) and "all" both. Another folder is scored whole by default ("all"), or by the split the run
+    would have made of it. ``cfg`` gives the image size, the synthetic settings and the mask rule; ``fingerprint``
+    is the run's ``dataset_fingerprint`` (from its checkpoint), to recognise a copy of its folder."""
+    if split not in (None, "val", "train", "all"):
+        raise ValueError(f"split must be 'val', 'train' or 'all', got {split!r}")
+    data = cfg.data if data is None else (data if data == "shapes" else os.path.abspath(data))
+    size = cfg.image_size
+    if data == "shapes":
+        sets = {"train": SyntheticShapes(cfg.train_size, size, seed=cfg.seed, split=0),
+                "val": SyntheticShapes(cfg.val_size, size, seed=cfg.seed, split=1)}
+        split = split or "val"
+        what = f"SyntheticShapes (seed {cfg.seed})"
+    else:
+        root, kw = Path(data), {"mask_void": cfg.mask_void}
+        if (root / "train").is_dir() and (root / "val").is_dir():
+            sets = {"train": FolderDataset(root / "train", size, **kw), "val": FolderDataset(root / "val", size, **kw)}
+            split, what = split or "val", str(root)
+        else:
+            whole = FolderDataset(root, size, **kw)
+            run_listing = ((fingerprint or {}).get("train") or {}).get("listing")
+            own = data == cfg.data or whole.fingerprint()["listing"] == run_listing
+            split = split or ("val" if own else "all")
+            if split == "all":
+                return whole, f"{root}: all {len(whole)} pairs, {size} px"
+            train_idx, val_idx = folder_split(cfg, len(whole), root)
+            chosen = val_idx if split == "val" else train_idx
+            return Subset(whole, chosen), (f"{root}: the {'validation' if split == 'val' else 'training'} split "
+                                           f"({len(chosen)} of {len(whole)} pairs, seed {cfg.seed}, val_fraction "
+                                           f"{cfg.val_fraction}), {size} px")
+    name = {"val": "validation", "train": "training", "all": "training + validation"}[split]
+    dataset = ConcatDataset([sets["train"], sets["val"]]) if split == "all" else sets[split]
+    return dataset, f"{what}: {name} images ({len(dataset)}), {size} px"
+
+
+def dataset_fingerprint(train_set, val_set) -> dict:
+    """What identifies a run's data, stored in its checkpoints (``Trainer.state_meta``): per set, the folder's
+    file count, bytes and hashes of names + sizes and of contents (``FolderDataset.fingerprint``), or the
+    synthetic set's size and seed."""
+    def one(ds):
+        base = getattr(ds, "dataset", ds)             # a Subset's folder
+        if isinstance(base, FolderDataset):
+            return {"folder": str(base.root), **base.fingerprint()}
+        return {"synthetic": len(base), "seed": getattr(base, "seed", None), "size": getattr(base, "size", None)}
+    return {"train": one(train_set), "val": one(val_set)}
+
+
+def check_data_fingerprint(saved: dict | None, current: dict, path) -> None:
+    """Refuse to resume the checkpoint ``path`` on data that changed since its run started (ValueError saying
+    what changed). Checkpoints written before fingerprints existed (``saved`` None) are not checked."""
+    if not saved:
+        return
+    for part in ("train", "val"):
+        was, now = saved.get(part) or {}, current.get(part) or {}
+        if was == now:
+            continue
+        if "listing" in was and was.get("listing") == now.get("listing"):
+            change = "same file names and sizes, but different contents"
+        elif "files" in was and (was.get("files"), was.get("bytes")) == (now.get("files"), now.get("bytes")):
+            change = "as many files and bytes, but other names or sizes"
+        elif "files" in was:
+            change = (f"{was.get('files')} files ({was.get('bytes')} bytes) when the run started, now "
+                      f"{now.get('files')} files ({now.get('bytes')} bytes)")
+        else:
+            change = f"{was} when the run started, now {now}"
+        raise ValueError(f"cannot resume {str(path)!r}: its {'training' if part == 'train' else 'validation'} data "
+                         f"{was.get('folder', '')} changed since the run started ({change}); resume with the "
+                         "original data, or start a new run")
 
 
 def evaluate(model, loader, loss_fn=None, threshold: float = 0.5, device: str = "cpu", progress: bool = False):
@@ -170,7 +269,8 @@ class Trainer:
         self.progress, self.log, self.figures, self.log_every = progress, log, figures, int(log_every)
         init_seq, *seqs = np.random.SeedSequence(self.cfg.seed).spawn(4)
         self.rngs = dict(zip(("shuffle", "augment", "dropout"), (np.random.default_rng(s) for s in seqs)))
-        self.train_set, self.val_set = build_datasets(self.cfg, self.rngs["augment"])
+        self.train_set, self.val_set = build_datasets(self.cfg, self.rngs["augment"], None if progress else False)
+        self.data_fingerprint = dataset_fingerprint(self.train_set, self.val_set)   # checked by load_state
         self.train_loader = DataLoader(self.train_set, self.cfg.batch_size, shuffle=True, rng=self.rngs["shuffle"],
                                        drop_last=True)
         self.val_loader = DataLoader(self.val_set, self.cfg.batch_size)
@@ -205,7 +305,8 @@ class Trainer:
         counts = {k: getattr(self.train_meter, k) for k in COUNT_NAMES}
         return {"train_config": self.cfg.to_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "rng": {k: generator_state(g) for k, g in self.rngs.items()},
-                "history": self.history, "best_iou": self.best_iou, "running": {**self.running, **counts}}
+                "history": self.history, "best_iou": self.best_iou, "running": {**self.running, **counts},
+                "data_fingerprint": self.data_fingerprint}
 
     def save(self, path) -> None:
         """Atomic checkpoint of the whole training state (see the module docstring)."""
@@ -216,6 +317,7 @@ class Trainer:
         """Restore a checkpoint (a path or ``checkpoint.Checkpoint``) into this trainer."""
         ckpt = ckpt if hasattr(ckpt, "model_state") else load_checkpoint(ckpt)
         meta = ckpt.meta
+        check_data_fingerprint(meta.get("data_fingerprint"), self.data_fingerprint, ckpt.path)
         try:
             self.model.load_state_dict(ckpt.model_state)
             self.optimizer.load_state_dict(ckpt.optimizer_state)
