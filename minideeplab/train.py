@@ -157,6 +157,8 @@ def evaluation_set(cfg: TrainConfig, data: str | None = None, split: str | None 
     is the run's ``dataset_fingerprint`` (from its checkpoint), to recognise a copy of its folder."""
     if split not in (None, "val", "train", "all"):
         raise ValueError(f"split must be 'val', 'train' or 'all', got {split!r}")
+    if data is None and cfg.data != "shapes" and not Path(cfg.data).is_dir():
+        raise ValueError(f"the run's data folder {cfg.data!r} is not there any more; name the data with --data")
     data = cfg.data if data is None else (data if data == "shapes" else os.path.abspath(data))
     size = cfg.image_size
     if data == "shapes":

@@ -129,3 +129,14 @@ def test_resume_on_unchanged_data_works_and_a_relative_path_is_stored_absolute(t
     monkeypatch.chdir(tmp_path)                                   # elsewhere: the stored path still finds it
     assert main(["train", "--resume", str(ckpt), "--quiet"]) == 0
     assert "validation after 2 epoch" in capsys.readouterr().out
+
+
+def test_evaluate_says_when_the_runs_folder_is_gone(tmp_path, capsys):
+    data = _folder(tmp_path / "data", 10)
+    ckpt = _stopped_run(data, tmp_path / "run")
+    data.rename(tmp_path / "moved")
+    assert main(["evaluate", str(ckpt)]) == 1
+    err = capsys.readouterr().err
+    assert "the run's data folder" in err and "is not there any more; name the data with --data" in err
+    assert main(["evaluate", str(ckpt), "--data", str(tmp_path / "moved")]) == 0
+    assert "validation split (2 of 10 pairs" in capsys.readouterr().out     # the run's files, found by fingerprint

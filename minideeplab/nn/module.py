@@ -24,8 +24,8 @@ class Parameter:
 
     ``data`` and ``grad`` always agree in shape, dtype and device: assigning ``p.data = array`` of another dtype or
     device converts the gradient to it (values kept), another shape or a non-float array is refused, and
-    ``p.grad = array`` must match ``data``. (Reading ``p.data`` is a property: about 40 ns, nothing measurable per
-    training step; see docs/api.md.)
+    ``p.grad = array`` must match ``data``. (Reading ``p.data`` through a property costs about 0.1 us more than an
+    attribute: 619 reads, 0.06 ms, in a 640 ms DenseNet-121 training step; ``benchmarks/reliability_costs.py``.)
     """
 
     def __init__(self, data):
