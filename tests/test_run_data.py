@@ -140,3 +140,15 @@ def test_evaluate_says_when_the_runs_folder_is_gone(tmp_path, capsys):
     assert "the run's data folder" in err and "is not there any more; name the data with --data" in err
     assert main(["evaluate", str(ckpt), "--data", str(tmp_path / "moved")]) == 0
     assert "validation split (2 of 10 pairs" in capsys.readouterr().out     # the run's files, found by fingerprint
+
+
+@pytest.mark.parametrize("split, n, words", [(None, 2, "validation images (2)"), ("train", 3, "training images (3)"),
+                                             ("all", 5, "training + validation images (5)")])
+def test_evaluation_set_of_a_train_val_folder(tmp_path, split, n, words):
+    _folder(tmp_path / "tv" / "train", 3)
+    _folder(tmp_path / "tv" / "val", 2, seed=1)
+    cfg = TrainConfig(data=str(tmp_path / "tv"), image_size=SIZE)
+    for data in (None, str(tmp_path / "tv")):                 # the run's own, or named: val/ unless told
+        dataset, label = evaluation_set(cfg, data, split)
+        assert len(dataset) == n and words in label
+        assert dataset[n - 1][0].shape == (3, SIZE, SIZE)
