@@ -149,8 +149,9 @@ def cmd_train(args) -> int:
 
 def _eval_dataset(args, meta: dict, minimum: int):
     """``(dataset, label, config)`` for ``evaluate``: the run's config (``train.TrainConfig``; its defaults for a
-    weights-only file) with the options given, and the images ``train.evaluation_set`` picks."""
-    from .train import TrainConfig, evaluation_set
+    weights-only file) with the options given, and the images ``data.run_data.evaluation_set`` picks."""
+    from .data.run_data import evaluation_set
+    from .train import TrainConfig
     cfg = TrainConfig.from_dict(meta.get("train_config") or {})
     for key in ("image_size", "val_size", "seed", "mask_void"):
         if getattr(args, key) is not None:

@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from minideeplab.cli import main
-from minideeplab.train import TrainConfig, Trainer, evaluation_set
+from minideeplab.data.run_data import evaluation_set
+from minideeplab.train import TrainConfig, Trainer
 
 SIZE = 16
 
