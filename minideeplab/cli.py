@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data.decode import VOID_CHOICES
 from .io import atomic_write
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -56,6 +57,8 @@ def _add_train(sub):
     a("--loss", help="bce, dice, focal, hinge, squared_hinge, or a sum such as bce+dice (default)")
     a("--train-size", type=_positive(int), help="synthetic training images")
     a("--val-size", type=_positive(int), help="synthetic validation images")
+    a("--mask-void", choices=VOID_CHOICES, help="void pixels of VOC-style masks (index 255) become background "
+      "(default) or object, or are refused (error); see docs/cli.md, 'Data'")
     a("--no-augment", dest="augment", action="store_const", const=False, help="no scale/crop/flip/jitter")
     a("--device", choices=("cpu", "cuda"))
     a("--seed", type=int)
@@ -67,14 +70,18 @@ def _add_train(sub):
 
 
 def _add_evaluate(sub):
-    p = sub.add_parser("evaluate", help="print the metrics of a checkpoint on a dataset")
+    p = sub.add_parser("evaluate", help="print the metrics and the loss of a checkpoint on a dataset")
     p.add_argument("checkpoint")
-    p.add_argument("--data", help="'shapes' (the run's validation images, default) or a folder")
+    p.add_argument("--data", help="'shapes' or a folder (default: the run's own data)")
+    p.add_argument("--split", choices=("val", "train", "all"),
+                   help="which images: default 'val' on the run's own data (its validation set), 'all' on another "
+                        "folder")
     p.add_argument("--image-size", type=_positive(int), help="default: the run's training size")
     p.add_argument("--val-size", type=_positive(int), help="synthetic images (default: the run's)")
     p.add_argument("--batch-size", type=_positive(int), default=8)
     p.add_argument("--seed", type=int, help="synthetic set seed (default: the run's)")
     p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--mask-void", choices=VOID_CHOICES, help="default: the run's (see train --mask-void)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.set_defaults(func=cmd_evaluate)
 
@@ -140,38 +147,81 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _eval_dataset(args, train_cfg: dict, image_size: int):
-    from .data import FolderDataset, SyntheticShapes
-    data = args.data or "shapes"
-    if data == "shapes":
-        n = args.val_size or train_cfg.get("val_size", 48)
-        seed = args.seed if args.seed is not None else train_cfg.get("seed", 0)
-        return SyntheticShapes(n, image_size, seed=seed, split=1), f"SyntheticShapes validation ({n} images)"
-    root = Path(data)
-    if not (root / "images").is_dir() and (root / "val").is_dir():
-        root = root / "val"
-    return FolderDataset(root, size=image_size), f"{root} ({image_size}px)"
+def _eval_dataset(args, meta: dict, minimum: int):
+    """``(dataset, label, config)`` for ``evaluate``: the run's config (``train.TrainConfig``; its defaults for a
+    weights-only file) with the options given, and the images ``data.run_data.evaluation_set`` picks."""
+    from .data.run_data import evaluation_set
+    from .train import TrainConfig
+    cfg = TrainConfig.from_dict(meta.get("train_config") or {})
+    for key in ("image_size", "val_size", "seed", "mask_void"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    if cfg.image_size < minimum:
+        raise ValueError(f"--image-size {cfg.image_size} is too small for this network: it needs at least "
+                         f"{minimum}x{minimum} pixels at its output stride")
+    dataset, label = evaluation_set(cfg, args.data, args.split, meta.get("data_fingerprint"))
+    return dataset, label, cfg
 
 
 def cmd_evaluate(args) -> int:
     from .checkpoint import load_model
     from .data import DataLoader
+    from .losses import build_loss
     from .metrics import format_metrics
     from .train import evaluate
     model, meta = load_model(args.checkpoint, device=args.device)
-    train_cfg = meta.get("train_config", {})
-    image_size = args.image_size or train_cfg.get("image_size", 96)
-    dataset, label = _eval_dataset(args, train_cfg, image_size)
+    dataset, label, cfg = _eval_dataset(args, meta, model.min_input_size)
     loader = DataLoader(dataset, args.batch_size)
-    metrics = evaluate(model, loader, threshold=args.threshold, device=args.device, progress=sys.stderr.isatty())
-    print(format_metrics(metrics, title=f"{args.checkpoint} on {label}"))
+    metrics = evaluate(model, loader, build_loss(cfg.loss), threshold=args.threshold, device=args.device,
+                       progress=sys.stderr.isatty())
+    print(format_metrics(metrics, title=f"{args.checkpoint} on {label} (loss: {cfg.loss})"))
     return 0
 
 
 def _write_png(array: np.ndarray, path: Path) -> None:
     from PIL import Image
-    with atomic_write(path) as f:
-        Image.fromarray(array).save(f, format="PNG")
+    try:
+        with atomic_write(path) as f:
+            Image.fromarray(array).save(f, format="PNG")
+    except OSError as e:       # a full disk or a read-only folder: name the file the user asked for
+        raise OSError(e.errno, f"cannot write {str(path)!r}: {e.strerror or e}") from None
+
+
+def _output_paths(inputs: list[Path], out: Path) -> list[tuple[Path, Path, Path]]:
+    """``(input, mask path, overlay path)`` per distinct input. Inputs that share a stem (``a/x.png``, ``b/x.jpg``)
+    get their extension in the name (``x_png_mask.png``, ``x_jpg_mask.png``); names that still collide, and an
+    output that would overwrite an input, are refused before anything is written."""
+    distinct, resolved = [], set()
+    for p in inputs:                       # the same file given twice is predicted once
+        if p.resolve() not in resolved:
+            resolved.add(p.resolve())
+            distinct.append(p)
+    stems = [p.stem.lower() for p in distinct]
+    names = [p.stem if stems.count(p.stem.lower()) == 1 else f"{p.stem}_{p.suffix.lstrip('.')}" for p in distinct]
+    seen = {}
+    for p, name in zip(distinct, names):
+        other = seen.setdefault(name.lower(), p)
+        if other is not p:
+            raise ValueError(f"{str(other)!r} and {str(p)!r} have the same name: both masks would be written to "
+                             f"{name}_mask.png in {str(out)!r}; predict them into separate --out folders or rename one")
+    planned = [(p, out / f"{name}_mask.png", out / f"{name}_overlay.png") for p, name in zip(distinct, names)]
+    for _, mask_path, overlay_path in planned:
+        for target in (mask_path, overlay_path):
+            if target.resolve() in resolved:
+                raise ValueError(f"writing {str(target)!r} would overwrite an input image; choose another --out")
+    return planned
+
+
+def _check_network_size(size: int | None, images, minimum: int) -> None:
+    """The network input of ``predict`` (``size``, or each image's own size when None) must be at least
+    ``minimum`` pixels a side: refused before anything runs, naming the image."""
+    if size and size < minimum:
+        raise ValueError(f"--image-size {size} is too small for this network: it needs at least {minimum}x{minimum} "
+                         "pixels at its output stride")
+    for path, image in images if not size else ():
+        if min(image.shape[:2]) < minimum:
+            raise ValueError(f"image {str(path)!r} is {image.shape[1]}x{image.shape[0]} pixels, smaller than the "
+                             f"network's minimum {minimum}x{minimum}; pass --image-size N to resize it")
 
 
 def predict_probs(model, image: np.ndarray, size: int | None, device: str = "cpu") -> np.ndarray:
@@ -200,15 +250,19 @@ def cmd_predict(args) -> int:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
     model, meta = load_model(args.checkpoint, device=args.device)
     size = args.image_size if args.image_size is not None else meta.get("train_config", {}).get("image_size")
-    images = [(Path(p), load_image(p)) for p in args.images]      # every input is checked before writing
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a folder")
+    planned = _output_paths([Path(p) for p in args.images], out)
+    images = [load_image(p) for p, _, _ in planned]          # every input is checked before writing
+    _check_network_size(size, [(p, im) for (p, _, _), im in zip(planned, images)], model.min_input_size)
     out.mkdir(parents=True, exist_ok=True)
-    for path, image in images:
+    for (path, mask_path, overlay_path), image in zip(planned, images):
         mask = predict_probs(model, image, size or None, args.device) > args.threshold   # as model.predict
-        _write_png((mask * 255).astype(np.uint8), out / f"{path.stem}_mask.png")
-        _write_png((overlay(image, mask) * 255).round().astype(np.uint8), out / f"{path.stem}_overlay.png")
-        print(f"{path}: {image.shape[1]}x{image.shape[0]}, foreground {mask.mean():.1%} -> "
-              f"{out / (path.stem + '_mask.png')}, {out / (path.stem + '_overlay.png')}")
+        _write_png((mask * 255).astype(np.uint8), mask_path)
+        _write_png((overlay(image, mask) * 255).round().astype(np.uint8), overlay_path)
+        print(f"{path}: {image.shape[1]}x{image.shape[0]}, foreground {mask.mean():.1%} -> {mask_path}, "
+              f"{overlay_path}")
     return 0
 
 

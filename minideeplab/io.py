@@ -79,11 +79,22 @@ def read_npz(path) -> tuple[dict, dict]:
         ``(arrays, meta)``: a dict of NumPy arrays (in file order) and the meta dict.
 
     Raises:
-        ValueError naming the file when it is missing, not a valid ``.npz``, or has no minideeplab meta record.
+        ValueError naming the file when it is missing, a folder, unreadable (permission denied), not a valid
+        ``.npz``, or has no minideeplab meta record.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"read_npz: {path!r} is a folder, not a checkpoint file (a checkpoint is RUN/best.npz or "
+                         "RUN/last.npz)")
     if not os.path.isfile(path):
         raise ValueError(f"read_npz: no such checkpoint file: {path!r}")
+    try:                               # is_zipfile would call an unreadable file "not a zip file"
+        with open(path, "rb") as f:
+            f.read(4)
+    except PermissionError:
+        raise ValueError(f"read_npz: checkpoint {path!r} is unreadable (permission denied)") from None
+    except OSError as e:
+        raise ValueError(f"read_npz: checkpoint {path!r} is unreadable ({e.strerror or e})") from None
     if not zipfile.is_zipfile(path):   # else np.load guesses .npy or pickle and its message misleads
         raise ValueError(f"read_npz: {path!r} is not a readable .npz archive (not a zip file; "
                          f"a checkpoint is RUN/best.npz or RUN/last.npz)")

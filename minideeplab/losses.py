@@ -32,6 +32,19 @@ def _softplus(x):
     return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
 
 
+def _hparam(loss: str, name: str, value, low: float = -np.inf, high: float = np.inf, low_open: bool = False,
+            note: str = "") -> float:
+    """``value`` as a float when it is a finite real number in the range, else a ValueError/TypeError naming the
+    loss, the hyper-parameter, the range and the value (a NaN would otherwise pass every ``<`` check)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{loss}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not np.isfinite(v) or v < low or (low_open and v == low) or v > high:
+        limits = [f"{'>' if low_open else '>='} {low:g}"] * (low > -np.inf) + [f"<= {high:g}"] * (high < np.inf)
+        raise ValueError(f"{loss}: {name} must be {' and '.join(limits + ['finite'])}{note}, got {value!r}")
+    return v
+
+
 def _check_pair(name: str, logits, target):
     """Validate (logits, target) and return the target as a logits-dtype array on the logits' backend.
 
@@ -129,9 +142,18 @@ class BCEWithLogitsLoss(_ElementwiseLoss):
     @pos_weight.setter
     def pos_weight(self, value):
         if value is not None:
-            pw = np.asarray(value, dtype=np.float64) if not hasattr(value, "shape") else value
-            if float(pw.min()) < 0:
-                raise ValueError(f"BCEWithLogitsLoss: pos_weight must be >= 0, got min {float(pw.min())}")
+            try:
+                pw = np.asarray(value, dtype=np.float64) if not hasattr(value, "shape") else value
+            except (TypeError, ValueError):
+                raise TypeError(f"BCEWithLogitsLoss: pos_weight must be a number or an array, got {value!r}") from None
+            xp = get_array_module(pw)
+            if pw.dtype.kind not in "iuf" or pw.size == 0:
+                raise TypeError(f"BCEWithLogitsLoss: pos_weight must be a non-empty numeric array or a number, "
+                                f"got dtype {pw.dtype}, size {pw.size}")
+            bad = ~xp.isfinite(pw) | (pw < 0)
+            if bool(bad.any()):
+                raise ValueError(f"BCEWithLogitsLoss: pos_weight must be >= 0 and finite, got "
+                                 f"{pw[bad].ravel()[0].item()!r}")
         self._pos_weight, self._pos_weight_as = value, None    # (the array made from it by pos_weight_as)
 
     def pos_weight_as(self, x):
@@ -183,12 +205,10 @@ class FocalLoss(_ElementwiseLoss):
 
     def __init__(self, alpha: float | None = 0.25, gamma: float = 2.0, reduction: str = "mean"):
         super().__init__(reduction)
-        if alpha is not None and alpha > 1:
-            raise ValueError(f"FocalLoss: alpha must be in [0, 1] (or None/negative to disable), got {alpha}")
-        if gamma < 0:
-            raise ValueError(f"FocalLoss: gamma must be >= 0, got {gamma}")
-        self.alpha = None if alpha is None or alpha < 0 else float(alpha)
-        self.gamma = float(gamma)
+        if alpha is not None:
+            alpha = _hparam("FocalLoss", "alpha", alpha, high=1.0, note=" (None or a negative value disables it)")
+        self.alpha = None if alpha is None or alpha < 0 else alpha
+        self.gamma = _hparam("FocalLoss", "gamma", gamma, low=0.0)
 
     def _elementwise(self, x, t):
         sign = 1 - 2 * t                    # +1 for background, -1 for foreground
@@ -262,9 +282,7 @@ class DiceLoss(Module):
 
     def __init__(self, smooth: float = 1.0, per_image: bool = False):
         super().__init__()
-        if smooth <= 0:
-            raise ValueError(f"DiceLoss: smooth must be > 0, got {smooth}")
-        self.smooth = float(smooth)
+        self.smooth = _hparam("DiceLoss", "smooth", smooth, low=0.0, low_open=True)
         self.per_image = bool(per_image)
         self.cache = None   # (p(1-p), sign, A, den): what backward needs
 
@@ -313,7 +331,7 @@ class CombinedLoss(Module):
         if not terms or not all(isinstance(w, (int, float, np.number)) and isinstance(m, Module) for w, m in terms):
             raise ValueError("CombinedLoss: expected a non-empty list of (weight, loss module) pairs, "
                              f"got {terms!r}")
-        self.weights = [float(w) for w, _ in terms]
+        self.weights = [_hparam("CombinedLoss", f"weight {i}", w) for i, (w, _) in enumerate(terms)]
         self.losses = ModuleList([m for _, m in terms])
         self.last_values = None   # the unweighted value of each term from the last forward (for logging)
 

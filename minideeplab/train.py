@@ -13,6 +13,7 @@ optimizer update, which is never interrupted) and saves that.
 from __future__ import annotations
 
 import csv
+import os
 import signal
 import threading
 import time
@@ -24,9 +25,12 @@ import numpy as np
 from .backend import check_device, to_device, to_numpy
 from .checkpoint import generator_state, load_checkpoint, save_checkpoint, set_generator_state
 from .data import DataLoader, FolderDataset, Subset, SyntheticShapes, train_transform
+from .data.decode import VOID_CHOICES
+from .data.run_data import check_data_fingerprint, dataset_fingerprint, folder_split
 from .io import atomic_write
 from .losses import build_loss
 from .metrics import COUNT_NAMES, ConfusionMeter
+from .models.densenet import min_input_size_for
 from .nn import sigmoid
 from .optim import build_optimizer, build_scheduler
 
@@ -41,13 +45,16 @@ class TrainConfig:
 
     Args:
         data: "shapes" (SyntheticShapes) or a folder (``root/images`` + ``root/masks``, or ``root/train`` and
-            ``root/val`` each with that layout; a single folder is split with ``val_fraction``).
+            ``root/val`` each with that layout; a single folder is split with ``val_fraction``). A relative folder
+            is made absolute when the config is created, so a run resumes from any working directory.
         model: "densenet121" (DeepLabConfig defaults) or "small" (DeepLabConfig.small).
         output_stride, image_size, epochs, batch_size, lr, optimizer, weight_decay, scheduler, warmup_steps, loss:
             the usual; the schedule steps once per iteration.
         train_size, val_size: number of SyntheticShapes images (ignored for folders).
         augment: random scale + crop, flip and colour jitter on the training set.
         device: "cpu" or "cuda". seed: the run's single seed. threshold: for IoU/Dice.
+        mask_void: what the void pixels of VOC-style masks become: "background", "object" or "error"
+            (``minideeplab.data.decode``).
     """
     data: str = "shapes"
     model: str = "densenet121"
@@ -68,6 +75,11 @@ class TrainConfig:
     device: str = "cpu"
     seed: int = 0
     threshold: float = 0.5
+    mask_void: str = "background"
+
+    def __post_init__(self):
+        if isinstance(self.data, (str, os.PathLike)) and os.fspath(self.data) != "shapes":
+            self.data = os.path.abspath(os.fspath(self.data))
 
     def validate(self) -> TrainConfig:
         """Raise ValueError with a clear message for an invalid setting; return self."""
@@ -76,7 +88,10 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {msg}")
         need(self.model in MODELS, f"model must be one of {MODELS}, got {self.model!r}")
         need(self.output_stride in (8, 16, 32), f"output_stride must be 8, 16 or 32, got {self.output_stride}")
-        need(self.image_size >= 16, f"image_size must be >= 16, got {self.image_size}")
+        smallest = min_input_size_for(self.output_stride)      # 5, 13, 29 px: computed from the layers
+        need(self.image_size >= smallest, f"image_size {self.image_size} is too small at output stride "
+             f"{self.output_stride}: the network needs images of at least {smallest}x{smallest} pixels")
+        need(self.mask_void in VOID_CHOICES, f"mask_void must be one of {VOID_CHOICES}, got {self.mask_void!r}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 2, f"batch_size must be >= 2 (batch norm needs two images), got {self.batch_size}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -102,24 +117,24 @@ class TrainConfig:
         return base(output_stride=self.output_stride)
 
 
-def build_datasets(cfg: TrainConfig, augment_rng: np.random.Generator):
-    """The training set (augmented with ``augment_rng``) and the validation set (never augmented)."""
+def build_datasets(cfg: TrainConfig, augment_rng: np.random.Generator, progress: bool | None = None):
+    """The training set (augmented with ``augment_rng``) and the validation set (never augmented). Folders are
+    decoded and checked file by file here (``FolderDataset.verify``), before any training step."""
     transform = train_transform(cfg.image_size) if cfg.augment else None
     if cfg.data == "shapes":
         return (SyntheticShapes(cfg.train_size, cfg.image_size, seed=cfg.seed, split=0, transform=transform,
                                 rng=augment_rng),
                 SyntheticShapes(cfg.val_size, cfg.image_size, seed=cfg.seed, split=1))
     root = Path(cfg.data)
+    kw = {"mask_void": cfg.mask_void, "progress": progress}
     if (root / "train").is_dir() and (root / "val").is_dir():
-        return (FolderDataset(root / "train", cfg.image_size, transform=transform, rng=augment_rng),
-                FolderDataset(root / "val", cfg.image_size))
-    train_all = FolderDataset(root, cfg.image_size, transform=transform, rng=augment_rng)
-    n = len(train_all)
-    if n < 2:
-        raise ValueError(f"dataset {str(root)!r} has {n} image; need at least 2 to split into train and validation")
-    order = np.random.default_rng([cfg.seed, 7]).permutation(n)
-    n_val = min(n - 1, max(1, round(n * cfg.val_fraction)))
-    return Subset(train_all, order[n_val:]), Subset(FolderDataset(root, cfg.image_size), order[:n_val])
+        return (FolderDataset(root / "train", cfg.image_size, transform=transform, rng=augment_rng, **kw),
+                FolderDataset(root / "val", cfg.image_size, **kw))
+    train_all = FolderDataset(root, cfg.image_size, transform=transform, rng=augment_rng, **kw)
+    val_all = FolderDataset(root, cfg.image_size, mask_void=cfg.mask_void, verify=False)
+    val_all.records = train_all.records           # the same files, checked once
+    train_idx, val_idx = folder_split(cfg, len(train_all), root)
+    return Subset(train_all, train_idx), Subset(val_all, val_idx)
 
 
 def evaluate(model, loader, loss_fn=None, threshold: float = 0.5, device: str = "cpu", progress: bool = False):
@@ -170,7 +185,8 @@ class Trainer:
         self.progress, self.log, self.figures, self.log_every = progress, log, figures, int(log_every)
         init_seq, *seqs = np.random.SeedSequence(self.cfg.seed).spawn(4)
         self.rngs = dict(zip(("shuffle", "augment", "dropout"), (np.random.default_rng(s) for s in seqs)))
-        self.train_set, self.val_set = build_datasets(self.cfg, self.rngs["augment"])
+        self.train_set, self.val_set = build_datasets(self.cfg, self.rngs["augment"], None if progress else False)
+        self.data_fingerprint = dataset_fingerprint(self.train_set, self.val_set)   # checked by load_state
         self.train_loader = DataLoader(self.train_set, self.cfg.batch_size, shuffle=True, rng=self.rngs["shuffle"],
                                        drop_last=True)
         self.val_loader = DataLoader(self.val_set, self.cfg.batch_size)
@@ -205,7 +221,8 @@ class Trainer:
         counts = {k: getattr(self.train_meter, k) for k in COUNT_NAMES}
         return {"train_config": self.cfg.to_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "rng": {k: generator_state(g) for k, g in self.rngs.items()},
-                "history": self.history, "best_iou": self.best_iou, "running": {**self.running, **counts}}
+                "history": self.history, "best_iou": self.best_iou, "running": {**self.running, **counts},
+                "data_fingerprint": self.data_fingerprint}
 
     def save(self, path) -> None:
         """Atomic checkpoint of the whole training state (see the module docstring)."""
@@ -216,6 +233,7 @@ class Trainer:
         """Restore a checkpoint (a path or ``checkpoint.Checkpoint``) into this trainer."""
         ckpt = ckpt if hasattr(ckpt, "model_state") else load_checkpoint(ckpt)
         meta = ckpt.meta
+        check_data_fingerprint(meta.get("data_fingerprint"), self.data_fingerprint, ckpt.path)
         try:
             self.model.load_state_dict(ckpt.model_state)
             self.optimizer.load_state_dict(ckpt.optimizer_state)

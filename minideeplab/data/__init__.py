@@ -3,7 +3,7 @@
 Items are ``(image (3, H, W) float32 ImageNet-normalised, mask (1, H, W) float32 in {0, 1})``.
 """
 from .folder import FolderDataset, load_image, load_mask
-from .loader import DataLoader, SegmentationDataset, Subset
+from .loader import ConcatDataset, DataLoader, SegmentationDataset, Subset
 from .synthetic import SyntheticShapes, render_shapes
 from .transforms import (
                          IMAGENET_MEAN,
@@ -24,6 +24,7 @@ __all__ = [
                          "IMAGENET_STD",
                          "ColorJitter",
                          "Compose",
+                         "ConcatDataset",
                          "DataLoader",
                          "FolderDataset",
                          "Normalize",

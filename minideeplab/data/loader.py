@@ -112,3 +112,23 @@ class Subset:
 
     def __getitem__(self, index):
         return self.dataset[self.indices[index]]
+
+
+class ConcatDataset:
+    """The items of several datasets one after the other (e.g. a run's training and validation images).
+
+    Shapes: item -> whatever the dataset holding it returns.
+    """
+
+    def __init__(self, datasets):
+        self.datasets = list(datasets)
+        self.offsets = np.cumsum([0] + [len(d) for d in self.datasets])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(f"ConcatDataset: index {index} out of range for {len(self)} items")
+        k = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.datasets[k][int(index - self.offsets[k])]

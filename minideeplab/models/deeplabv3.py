@@ -7,7 +7,7 @@ from ..nn import Conv2d, Module, Upsample, sigmoid
 from ..nn.functional import check_input
 from .aspp import ASPP
 from .config import DeepLabConfig, default_rates
-from .densenet import DenseNet, _Named, check_output_stride
+from .densenet import DenseNet, _Named, check_input_size, check_output_stride, min_input_size
 
 
 class DeepLabV3(Module):
@@ -15,6 +15,9 @@ class DeepLabV3(Module):
 
     Works for any input size: the logits are resized with bilinear interpolation (align_corners=False) to
     exactly (H, W), also when H, W are not multiples of the output stride.
+
+    Inputs smaller than ``min_input_size`` (5, 13, 29 pixels at output stride 8, 16, 32: see
+    ``densenet.min_input_size``) are refused with a ValueError naming that minimum, before any layer runs.
 
     Batch size 1 in training mode raises a ValueError naming the image-pooling branch
     (``head.aspp.pooling``): its batch norm would see one value per channel. Train with batches of at
@@ -55,18 +58,24 @@ class DeepLabV3(Module):
                            classifier=Conv2d(aspp_channels, num_classes, 1, bias=True, rng=rng, dtype=dtype))
         self.upsample = Upsample(size=(1, 1), mode="bilinear", align_corners=False)
         self.config = None   # set by build_deeplab
+        self.min_input_size = getattr(backbone, "min_input_size", None) or min_input_size(backbone)
 
     def forward(self, x):
         check_input("DeepLabV3", x, 3)
+        check_input_size("DeepLabV3", x, self.min_input_size, self.output_stride)
         logits = self.head(self.backbone(x))
         self.upsample.size = tuple(x.shape[2:])   # back to the input size, whatever the rounding was
+        self._forward_done()
         return self.upsample(logits)
 
     def backward(self, dlogits, input_grad: bool = True):
         """dL/d(image) from dL/d(logits), with every parameter gradient accumulated on the way.
 
         ``input_grad=False`` (a training step, where nothing reads the image's gradient) skips the stem conv's
-        input gradient, its largest col2im, and returns None."""
+        input gradient, its largest col2im, and returns None.
+
+        One backward per forward: a second one raises a RuntimeError (it would add the gradients again)."""
+        self._backward_start()
         self.backbone.features.conv0.input_grad = input_grad
         return self.backbone.backward(self.head.backward(self.upsample.backward(dlogits)))
 

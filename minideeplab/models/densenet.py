@@ -10,7 +10,7 @@ import numpy as np
 
 from ..backend import can_read, fuse, get_array_module
 from ..nn import AvgPool2d, BatchNorm2d, Conv2d, Identity, MaxPool2d, Module, ReLU, Sequential
-from ..nn.functional import check_input
+from ..nn.functional import check_input, conv_output_size
 from ..nn.fused import BNReLUConv1x1
 from ..nn.norm import batch_statistics
 
@@ -21,6 +21,48 @@ def check_output_stride(output_stride) -> int:
     if output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
     return int(output_stride)
+
+
+def min_input_size(module: Module) -> int:
+    """The smallest image side (pixels) for which every conv and pool of ``module`` has an output of at least one
+    pixel: its layers walked in order, each with its output-size formula (``conv_output_size``). Exact for a
+    network whose layers run one after the other, as a DenseNet's do (its dense layers keep the size).
+
+    For DenseNet (7x7/2 stem conv, 3x3/2 max pool, then a 2x2/2 average pool in each pooled transition): 5, 13
+    and 29 pixels at output stride 8, 16 and 32."""
+    layers = [(m.kernel_size, m.stride, m.padding, getattr(m, "dilation", (1, 1))) for m in module.modules()
+              if isinstance(m, (Conv2d, MaxPool2d, AvgPool2d))]
+
+    def fits(side: int, axis: int) -> bool:
+        for kernel, stride, padding, dilation in layers:
+            side = conv_output_size(side, kernel[axis], stride[axis], padding[axis], dilation[axis])
+            if side < 1:
+                return False
+        return True
+    return max(next(s for s in range(1, 1 << 16) if fits(s, axis)) for axis in (0, 1))
+
+
+def min_input_size_for(output_stride: int) -> int:
+    """``min_input_size`` of a DenseNet at ``output_stride`` (any widths and depths: only the stem and the
+    pooled transitions change the size), computed once from a tiny one."""
+    output_stride = check_output_stride(output_stride)
+    if output_stride not in _MIN_SIZES:
+        tiny = DenseNet(growth_rate=1, block_config=(1, 1, 1, 1), num_init_features=2, bn_size=1,
+                        output_stride=output_stride, rng=np.random.default_rng(0))
+        _MIN_SIZES[output_stride] = tiny.min_input_size
+    return _MIN_SIZES[output_stride]
+
+
+_MIN_SIZES: dict = {}
+
+
+def check_input_size(layer: str, x, minimum: int, output_stride: int) -> None:
+    """ValueError naming ``layer`` when the image ``x`` (N, C, H, W) has a side below ``minimum``."""
+    H, W = x.shape[2], x.shape[3]
+    if H < minimum or W < minimum:
+        raise ValueError(f"{layer}: input of {H}x{W} pixels is too small at output stride {output_stride}: the "
+                         f"network needs at least {minimum}x{minimum} (its stem and pooling layers halve the size "
+                         f"until the last pooling has a pixel); use larger images or a smaller output stride")
 
 
 class _Named(Sequential):
@@ -370,11 +412,17 @@ class DenseNet(Module):
         features.add_module("relu5", ReLU(inplace=True))
         self.features = features
         self.out_channels = c
+        self.min_input_size = min_input_size(features)
 
     def forward(self, x):
-        return self.features(x)
+        check_input("DenseNet", x, self.features.conv0.in_channels)
+        check_input_size("DenseNet", x, self.min_input_size, self.output_stride)
+        out = self.features(x)
+        self._forward_done()
+        return out
 
     def backward(self, dout):
+        self._backward_start()
         return self.features.backward(dout)
 
     def extra_repr(self):

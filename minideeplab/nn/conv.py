@@ -216,10 +216,12 @@ class Conv2d(Module):
         self.x_shape, self.path = x.shape, path
         if self.bias is not None:
             out += self.bias.data[:, None, None]
+        self._forward_done()
         return out
 
     def backward(self, dout):
         self._need(self.saved)
+        self._backward_start()
         xp = get_array_module(dout)
         N, F, Ho, Wo = dout.shape
         C, (kh, kw) = self.in_channels, self.kernel_size
