@@ -7,8 +7,9 @@ state can be saved.
 - ``new_run_dir``: a fresh ``runs/<date>-<time>-<milliseconds>`` folder, made with an exclusive ``mkdir``.
 - ``StopSignals``: SIGINT (Ctrl-C) and SIGTERM ask a run to stop at its next safe point; a second one aborts the
   work in progress only where the trainer can roll it back (a step before its update, validation, a figure).
-- ``SafeStream``: a stream whose reader may go away (``minideeplab train ... | head -1``): a broken pipe asks the run
-  to stop (after saving, as a SIGPIPE would end it) instead of killing it mid-save.
+- ``guarded_std_streams``: while a run trains, stdout and stderr are ``SafeStream`` s: when their reader goes away
+  (``minideeplab train ... | head -1``) the run is asked to stop (after saving, as a SIGPIPE would end it) instead
+  of dying in the middle of a save.
 """
 from __future__ import annotations
 
@@ -277,9 +278,8 @@ def notice(text: str) -> None:
 
 
 class SafeStream:
-    """Wrap a text stream (a progress bar's ``file``): a write or flush that meets a broken pipe calls
-    ``on_broken()`` once and is dropped, as are all writes after it. Compares equal to the stream it wraps (tqdm
-    matches bars to streams that way)."""
+    """Wrap a text stream: a write or flush that meets a broken pipe calls ``on_broken()`` once and is dropped, as
+    are all writes after it; everything else is the wrapped stream's."""
 
     def __init__(self, stream, on_broken):
         self._stream, self._on_broken, self.broken = stream, on_broken, False
@@ -303,11 +303,20 @@ class SafeStream:
     def __getattr__(self, name):
         return getattr(self._stream, name)
 
-    def __eq__(self, other):
-        return self._stream == getattr(other, "_stream", other)
 
-    def __hash__(self):
-        return hash(self._stream)
+@contextmanager
+def guarded_std_streams(on_broken):
+    """Within: ``sys.stdout`` and ``sys.stderr`` are ``SafeStream`` s (log lines, ``print``, progress bars: tqdm also
+    flushes both streams itself), so that a reader that went away asks the run to stop instead of killing it."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (SafeStream(s, on_broken) if s is not None else None for s in saved)
+    try:
+        yield
+    finally:
+        if isinstance(sys.stdout, SafeStream):
+            sys.stdout = saved[0]
+        if isinstance(sys.stderr, SafeStream):
+            sys.stderr = saved[1]
 
 
 def stderr_line(line: str) -> None:

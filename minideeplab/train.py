@@ -38,7 +38,7 @@ from .losses import build_loss
 from .metrics import COUNT_NAMES, ConfusionMeter
 from .nn import sigmoid
 from .optim import build_optimizer, build_scheduler
-from .runfolder import StopSignals, new_run_id, run_id_of
+from .runfolder import StopSignals, guarded_std_streams, new_run_id, run_id_of
 from .train_run import HISTORY_FIELDS, RunKeeping  # noqa: F401 (HISTORY_FIELDS: part of this module's API)
 
 MODELS = ("densenet121", "small")
@@ -132,15 +132,14 @@ def build_datasets(cfg: TrainConfig, augment_rng: np.random.Generator):
     return Subset(train_all, order[n_val:]), Subset(FolderDataset(root, cfg.image_size), order[:n_val])
 
 
-def evaluate(model, loader, loss_fn=None, threshold: float = 0.5, device: str = "cpu", progress: bool = False,
-             bar_file=None):
+def evaluate(model, loader, loss_fn=None, threshold: float = 0.5, device: str = "cpu", progress: bool = False):
     """Metrics of ``model`` (put in eval mode) over ``loader``: IoU, Dice, precision, recall, accuracy, counts,
     and the mean ``loss`` when ``loss_fn`` is given. Raises ``finite.NonFiniteError`` when the logits are not finite
-    (a diverged checkpoint). ``bar_file``: the progress bar's stream (default stderr)."""
+    (a diverged checkpoint)."""
     from tqdm import tqdm
     model.eval()
     meter, loss_sum, batches = ConfusionMeter(threshold), 0.0, 0
-    for images, masks in tqdm(loader, desc="validate", leave=False, disable=not progress, file=bar_file):
+    for images, masks in tqdm(loader, desc="validate", leave=False, disable=not progress):
         x, t = to_device(images, device), to_device(masks, device)
         logits = model(x)
         check_logits(logits)
@@ -319,7 +318,7 @@ class Trainer(RunKeeping):
 
     def fit(self) -> list:
         """Train until ``epochs``; returns the history (one dict per epoch)."""
-        with self.stop:
+        with self.stop, guarded_std_streams(self._on_broken_pipe):
             folder = self._open_run_folder()
             try:
                 while self.epoch < self.cfg.epochs:
@@ -339,7 +338,7 @@ class Trainer(RunKeeping):
         if self.epoch_order is None:
             self.epoch_order, self.step_in_epoch = self.train_loader.epoch_order(), 0
             self._reset_running()
-        bar = tqdm(total=len(self.train_loader), initial=self.step_in_epoch, leave=False, file=self._bar_file(),
+        bar = tqdm(total=len(self.train_loader), initial=self.step_in_epoch, leave=False,
                    desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", disable=not self.progress)
         batches = self.train_loader.batches(self.epoch_order, self.step_in_epoch)
         with bar:
@@ -381,13 +380,13 @@ class Trainer(RunKeeping):
 
     def _end_epoch(self):
         try:
-            with self.stop.abortable():
-                val = evaluate(self.model, self.val_loader, self.loss_fn, self.cfg.threshold, self.cfg.device,
-                               progress=self.progress, bar_file=self._bar_file())
-            self._check_loss(val["loss"], "validation loss")
             problems = self._state_problems()
             if problems:
                 raise FloatingPointError("; ".join(problems[:3]))
+            with self.stop.abortable():
+                val = evaluate(self.model, self.val_loader, self.loss_fn, self.cfg.threshold, self.cfg.device,
+                               progress=self.progress)
+            self._check_loss(val["loss"], "validation loss")
         except KeyboardInterrupt:
             self._stopped()           # saves the epoch's training; its validation runs again on resume
         except (FloatingPointError, NonFiniteError) as e:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import csv
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
 from .finite import TrainingDiverged
 from .io import atomic_write, copy_file, read_meta
-from .runfolder import EXIT_SIGPIPE, Interrupted, RunFolder, SafeStream, run_id_of, stderr_line
+from .runfolder import EXIT_SIGPIPE, Interrupted, RunFolder, run_id_of, stderr_line
 
 HISTORY_FIELDS = ("epoch", "step", "lr", "train_loss", "train_iou", "val_loss", "val_iou", "val_dice",
                   "val_precision", "val_recall", "val_accuracy", "seconds")
@@ -100,6 +99,8 @@ class RunKeeping:
             message = (f"{reason}: saved {last} at step {self.global_step} (epoch {self.epoch + 1}, step "
                        f"{self.step_in_epoch}/{len(self.train_loader)}); continue with --resume {last}")
         self._say(message)
+        if self.stop.exit_code == EXIT_SIGPIPE:    # the log's stream may be the one that broke: stderr too
+            stderr_line(message)
         raise Interrupted(message, self.stop.exit_code, reason)
 
     def _diverged(self, why: str, at_epoch_end: bool = False):
@@ -157,6 +158,3 @@ class RunKeeping:
 
     def _on_broken_pipe(self) -> None:
         self.stop.request("output closed (broken pipe)", EXIT_SIGPIPE)
-
-    def _bar_file(self):
-        return SafeStream(sys.stderr, self._on_broken_pipe)
