@@ -139,7 +139,16 @@ def cmd_train(args) -> int:
         cfg.validate()
         if args.out:
             RunFolder(args.out).check(None, 0, args.overwrite)
-        trainer = Trainer(cfg, out_dir=args.out or new_run_dir("runs"), **settings)
+        out = args.out or new_run_dir("runs")
+        try:
+            trainer = Trainer(cfg, out_dir=out, **settings)
+        except BaseException:
+            if not args.out:                # a bad data folder, Ctrl-C...: leave no empty runs/<date-time>
+                try:
+                    Path(out).rmdir()
+                except OSError:
+                    pass
+            raise
     _log(f"run folder: {trainer.out_dir}  ({trainer.total_steps} steps, {trainer.cfg.model}, "
          f"{trainer.cfg.image_size}px, batch {trainer.cfg.batch_size})")
     trainer.fit()

@@ -81,8 +81,7 @@ def new_run_dir(root="runs") -> Path:
 
 
 class RunFolder:
-    """The folder of one training run. ``check`` (no side effects but creating the folder) says whether a run may
-    use it; ``open`` does the same while holding the folder's lock, removes stale temporary files and, with
+    """The folder of one training run. ``check`` (no side effects) says whether a run may use it; ``open`` does the same while holding the folder's lock, removes stale temporary files and, with
     ``overwrite``, the files of the run that was there before; ``close`` releases the lock."""
 
     def __init__(self, path):
@@ -94,6 +93,8 @@ class RunFolder:
         ``overwrite``, or is locked by a live run; ``OSError`` naming the folder when it cannot be written.
         Returns the names of the files a run there would replace (those of another run, with ``overwrite``)."""
         self._check_writable()
+        if not self.path.is_dir():
+            return []
         if self._fd is None:
             holder = self._lock_holder()
             if holder is not None:
@@ -112,7 +113,7 @@ class RunFolder:
     def open(self, run_id: str, global_step: int, overwrite: bool = False, keep=None) -> list[str]:
         """Lock the folder, ``check`` it, remove leftover temporary files and (``overwrite``) the other run's files
         except ``keep`` (the checkpoint being resumed). Returns the names of the files removed."""
-        self._check_writable()
+        self._check_writable(create=True)
         self._lock()
         try:
             stale = self.check(run_id, global_step, overwrite)
@@ -140,10 +141,18 @@ class RunFolder:
             self._fd = None
 
     # -- internals ------------------------------------------------------------------------------------------------
-    def _check_writable(self) -> None:
+    def _check_writable(self, create: bool = False) -> None:
+        """Create a file in the folder (``create``: made first) or, when it does not exist yet, in the nearest
+        folder above it that does, and remove it: an OSError naming the run folder if that fails."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f"run folder {os.fspath(self.path)!r} is a file, not a folder")
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=self.path)
+            if create:
+                self.path.mkdir(parents=True, exist_ok=True)
+            where = self.path
+            while not where.is_dir() and where != where.parent:
+                where = where.parent
+            fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=where)
             os.close(fd)
             os.unlink(probe)
         except OSError as e:
