@@ -96,8 +96,9 @@ class RunKeeping:
             last = self.out_dir / "last.npz"
             if self._saved_at != self._position():
                 self.save(last)
-            message = (f"{reason}: saved {last} at step {self.global_step} (epoch {self.epoch + 1}, step "
-                       f"{self.step_in_epoch}/{len(self.train_loader)}); continue with --resume {last}")
+            where = (f"the run's last, epoch {self.epoch}" if self.epoch >= self.cfg.epochs else
+                     f"epoch {self.epoch + 1}, step {self.step_in_epoch}/{len(self.train_loader)}")
+            message = f"{reason}: saved {last} at step {self.global_step} ({where}); continue with --resume {last}"
         self._say(message)
         if self.stop.exit_code == EXIT_SIGPIPE:    # the log's stream may be the one that broke: stderr too
             stderr_line(message)
