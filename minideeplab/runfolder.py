@@ -275,7 +275,7 @@ class StopSignals:
             self.in_abortable = False           # one abort per region, however many signals follow
             raise KeyboardInterrupt
         else:
-            notice(f"\n{name}: already stopping; finishing the write in progress first\n")
+            notice(f"\n{name}: already stopping; finishing what must not be cut short (an update, a write)\n")
 
 
 def notice(text: str) -> None:
