@@ -2,14 +2,16 @@
 
 Errors a user can cause (a bad path, a corrupt image, a file that is not a checkpoint, an invalid option) print
 one line ``minideeplab <command>: error: ...`` to stderr and exit with a non-zero code, without a traceback.
-Set ``MINIDEEPLAB_DEBUG=1`` to see the traceback of an unexpected error.
+Set ``MINIDEEPLAB_DEBUG=1`` to see the traceback of an unexpected error. Exit codes: 1 error, 2 usage, 3 training
+diverged, 128 + the signal's number after a stop (130 Ctrl-C, 141 broken pipe, 143 SIGTERM).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ import numpy as np
 from .data.decode import VOID_CHOICES
 from .io import atomic_write
 
-EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_SIGPIPE, EXIT_SIGTERM = 1, 2, 3, 130, 141, 143
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +66,7 @@ def _add_train(sub):
     a("--seed", type=int)
     a("--out", help="run folder (default runs/<date-time>; with --resume, the checkpoint's folder)")
     a("--resume", metavar="CKPT", help="continue the run saved in CKPT (e.g. RUN/last.npz) with its settings")
+    a("--overwrite", action="store_true", help="replace the run found in --out (refused without this flag)")
     a("--quiet", action="store_true", help="no progress bars")
     a("--log-every", type=int, default=0, metavar="N", help="also print a line every N steps (for log files)")
     p.set_defaults(func=cmd_train)
@@ -114,16 +117,24 @@ def _log(line: str) -> None:
 
 
 def cmd_train(args) -> int:
+    from .checkpoint import load_checkpoint
     from .metrics import format_metrics
+    from .runfolder import RUN_FILES, RunFolder, new_run_dir, run_id_of
     from .train import TrainConfig, Trainer, evaluate
-    options = {k: v for k, v in vars(args).items()
-               if k not in ("func", "command", "out", "resume", "quiet", "device", "log_every") and v is not None}
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)     # log lines reach a pipe (tee, head) as they are printed
+    options = {k: v for k, v in vars(args).items() if v is not None and k not in
+               ("func", "command", "out", "resume", "quiet", "device", "log_every", "overwrite")}
+    settings = {"progress": not args.quiet, "log": _log, "log_every": args.log_every, "overwrite": args.overwrite}
     if args.resume:
         if options:
-            raise ValueError("--resume continues a run with its saved settings; only --out, --device and --quiet "
-                             f"may be given with it (got --{min(options).replace('_', '-')})")
-        trainer = Trainer.from_checkpoint(args.resume, out_dir=args.out, device=args.device,
-                                          progress=not args.quiet, log=_log, log_every=args.log_every)
+            raise ValueError("--resume continues a run with its saved settings; only --out, --device, --quiet, "
+                             f"--log-every and --overwrite may be given with it (got --{min(options).replace('_', '-')})")
+        ckpt = load_checkpoint(args.resume)
+        out = Path(args.out) if args.out else Path(args.resume).parent
+        # the run folder is checked before the data sets are (the lock is taken when training starts)
+        RunFolder(out).check(run_id_of(ckpt.meta), int(ckpt.meta.get("global_step", 0)), args.overwrite)
+        trainer = Trainer.from_checkpoint(ckpt, out_dir=out, device=args.device, **settings)
         if trainer.epoch >= trainer.cfg.epochs:
             _log(f"{args.resume}: the run already finished its {trainer.cfg.epochs} epoch(s); nothing to train")
         else:
@@ -132,18 +143,27 @@ def cmd_train(args) -> int:
         cfg = TrainConfig(**options)
         if args.device:
             cfg.device = args.device
-        out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-        trainer = Trainer(cfg, out_dir=out, progress=not args.quiet, log=_log, log_every=args.log_every)
+        cfg.validate()
+        if args.out:
+            RunFolder(args.out).check(None, 0, args.overwrite)
+        out = args.out or new_run_dir("runs")
+        try:
+            trainer = Trainer(cfg, out_dir=out, **settings)
+        except BaseException:
+            if not args.out:                # a bad data folder, Ctrl-C...: leave no empty runs/<date-time>
+                try:
+                    Path(out).rmdir()
+                except OSError:
+                    pass
+            raise
     _log(f"run folder: {trainer.out_dir}  ({trainer.total_steps} steps, {trainer.cfg.model}, "
          f"{trainer.cfg.image_size}px, batch {trainer.cfg.batch_size})")
-    finished = trainer.epoch >= trainer.cfg.epochs
     trainer.fit()
     # the last epoch's validation already measured the final weights; evaluate only a run that had nothing to train
     metrics = trainer.last_val or evaluate(trainer.model, trainer.val_loader, trainer.loss_fn,
                                            trainer.cfg.threshold, trainer.cfg.device)
     print(format_metrics(metrics, title=f"validation after {trainer.epoch} epoch(s)"))
-    if not finished:
-        print(f"wrote {trainer.out_dir}/history.csv, last.npz, best.npz, curves.png, predictions.png")
+    print(f"run folder {trainer.out_dir}: {', '.join(n for n in RUN_FILES if (trainer.out_dir / n).exists())}")
     return 0
 
 
@@ -180,11 +200,8 @@ def cmd_evaluate(args) -> int:
 
 def _write_png(array: np.ndarray, path: Path) -> None:
     from PIL import Image
-    try:
-        with atomic_write(path) as f:
-            Image.fromarray(array).save(f, format="PNG")
-    except OSError as e:       # a full disk or a read-only folder: name the file the user asked for
-        raise OSError(e.errno, f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    with atomic_write(path) as f:      # its OSError (full disk, read-only folder) names ``path``
+        Image.fromarray(array).save(f, format="PNG")
 
 
 def _output_paths(inputs: list[Path], out: Path) -> list[tuple[Path, Path, Path]]:
@@ -232,11 +249,15 @@ def predict_probs(model, image: np.ndarray, size: int | None, device: str = "cpu
     """
     from .backend import to_device, to_numpy
     from .data.transforms import normalize, resize_bilinear
+    from .finite import check_logits
+    from .nn import sigmoid
     H, W = image.shape[:2]
     x = resize_bilinear(image, (size, size)) if size else image
     x = np.transpose(normalize(x), (2, 0, 1))[None]
     model.eval()
-    probs = to_numpy(model.predict_proba(to_device(np.ascontiguousarray(x), device)))[0, 0]
+    logits = model(to_device(np.ascontiguousarray(x), device))
+    check_logits(logits)                 # NaN weights would otherwise print "foreground 0.0%"
+    probs = to_numpy(sigmoid(logits))[0, 0]
     return np.clip(resize_bilinear(probs, (H, W)), 0, 1) if size else probs
 
 
@@ -277,14 +298,42 @@ def cmd_bench(argv) -> int:
 
 
 def _one_line(e: BaseException) -> str:
+    from .finite import TrainingDiverged
     text = " ".join(str(e).split()) or type(e).__name__
-    return text if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text}"
+    return text if isinstance(e, (ValueError, OSError, TrainingDiverged)) else f"{type(e).__name__}: {text}"
+
+
+def _on_sigterm(signum, frame):
+    from .runfolder import Interrupted
+    raise Interrupted("terminated (SIGTERM)", EXIT_SIGTERM, "SIGTERM")
+
+
+def _stderr(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _silence_stdout() -> None:
+    """Point file descriptor 1 at /dev/null once its reader has gone, so that flushing stdout at exit cannot fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def main(argv=None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    from .finite import TrainingDiverged
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     command = argv[0] if argv else None
+    # SIGTERM (timeout, job schedulers) ends a command as Ctrl-C does: files being written are cleaned up; training
+    # installs its own handlers, which stop at the next step and save
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         if command == "bench":
             return cmd_bench(argv[1:])
@@ -293,14 +342,24 @@ def main(argv=None) -> int:
         except SystemExit as e:          # --help (0) or a usage error (2, already printed)
             return e.code if isinstance(e.code, int) else EXIT_USAGE
         return args.func(args)
-    except KeyboardInterrupt:
-        print(f"minideeplab {command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        code = getattr(e, "exit_code", EXIT_INTERRUPTED)
+        if code == EXIT_SIGPIPE:
+            _silence_stdout()
+        _stderr(f"minideeplab {command}: interrupted ({getattr(e, 'reason', 'Ctrl-C')})")
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        _stderr(f"minideeplab {command}: output closed (broken pipe)")
+        return EXIT_SIGPIPE
     except Exception as e:
         if os.environ.get("MINIDEEPLAB_DEBUG"):
             raise
-        print(f"minideeplab {command}: error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_ERROR
+        _stderr(f"minideeplab {command}: error: {_one_line(e)}")
+        return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_ERROR
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

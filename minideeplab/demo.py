@@ -1,8 +1,8 @@
 """`make demo`: train DeepLabV3-DenseNet121 (output stride 16) on SyntheticShapes on the CPU, evaluate, draw.
 
 Prints the configuration, one line per epoch (tqdm bars show loss and running IoU within an epoch), the final
-validation metrics table, the wall time and seconds per training step. The run folder (default ``runs/demo``)
-gets history.csv, last.npz, best.npz, curves.png and predictions.png.
+validation metrics table, the wall time and seconds per training step. The run folder (default ``runs/demo``,
+replaced by each demo) gets history.csv, last.npz, best.npz, curves.png and predictions.png.
 
 Usage: ``python -m minideeplab.demo [--out DIR] [--quiet] [--threads N]``.
 """
@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
     start = time.perf_counter()
     from tqdm import tqdm
-    trainer = Trainer(cfg, out_dir=args.out, progress=not args.quiet, log=tqdm.write, log_every=50)
+    trainer = Trainer(cfg, out_dir=args.out, progress=not args.quiet, log=tqdm.write, log_every=50,
+                      overwrite=True)      # each `make demo` replaces the last demo run
     n_params = sum(int(p.data.size) for p in trainer.model.parameters())
     print(f"model: {type(trainer.model).__name__}, {n_params / 1e6:.2f} M parameters; "
           f"{trainer.total_steps} training steps of {cfg.batch_size} images at {cfg.image_size}x{cfg.image_size}")

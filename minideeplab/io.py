@@ -24,26 +24,67 @@ FORMAT_VERSION = 1
 
 @contextmanager
 def atomic_write(path, mode: str = "wb", **open_kwargs):
-    """Open a temporary file beside ``path`` for writing; on success it is flushed, synced and moved onto
-    ``path`` with ``os.replace`` (readers see the old file or the new one, never half of one); on any error,
-    Ctrl-C included, it is removed. The folder is created if missing.
+    """Open a temporary file beside ``path`` for writing; on success it is flushed, synced, given the mode a new file
+    gets under the umask (``mkstemp`` makes it 0600) and moved onto ``path`` with ``os.replace`` (readers see the old
+    file or the new one, never half of one); on any error, Ctrl-C included, it is removed. The folder is created if
+    missing. An ``OSError`` (full disk, read-only folder) names ``path``, not the temporary file.
 
     Usage: ``with atomic_write("runs/x/history.csv", "w", newline="") as f: ...``
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+        _fsync_folder(folder)       # the rename itself survives a power cut (and so does the order of two renames)
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and path not in str(e):
+            raise OSError(e.errno, f"cannot write {path!r}: {e.strerror or e}") from e
         raise
+
+
+def _umask() -> int:
+    """The process's umask; read from /proc where it can be (setting it to read it is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:             # not possible everywhere (Windows); the rename is done either way
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def copy_file(src, dst) -> None:
+    """Copy ``src`` to ``dst`` atomically (``atomic_write``)."""
+    import shutil
+    with open(src, "rb") as f_in, atomic_write(dst) as f_out:
+        shutil.copyfileobj(f_in, f_out, 1 << 20)
 
 
 def write_npz(path, arrays: dict, meta: dict | None = None) -> None:
@@ -113,6 +154,29 @@ def read_npz(path) -> tuple[dict, dict]:
     if not isinstance(meta, dict):
         raise ValueError(f"read_npz: the meta record of {path!r} is not a JSON object")  # noqa: TRY004 (bad file)
     return arrays, meta
+
+
+def read_meta(path) -> dict:
+    """The meta record of a file written by ``write_npz``, without reading its arrays.
+
+    Raises:
+        ValueError naming the file when it cannot be read or has no minideeplab meta record.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"read_meta: no such checkpoint file: {path!r}")
+    try:
+        if not zipfile.is_zipfile(path):
+            raise ValueError("not a .npz archive")
+        with np.load(path, allow_pickle=False) as data:
+            if META_KEY not in data.files:
+                raise ValueError("no minideeplab meta record")
+            meta = json.loads(str(data[META_KEY]))
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"read_meta: {path!r} is not a readable minideeplab checkpoint ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"read_meta: the meta record of {path!r} is not a JSON object")  # noqa: TRY004 (bad file)
+    return meta
 
 
 # -- models ----------------------------------------------------------------------------------------------------

@@ -5,17 +5,26 @@ order, augmentation, dropout - and a checkpoint stores the last three, the optim
 counters and (mid-epoch) the epoch's data order. Resuming therefore replays the same batches, the same
 augmentations and the same dropout masks: the final weights are bit-identical to an uninterrupted run.
 
-Ctrl-C: the first SIGINT asks the loop to stop after the current step; it then writes ``last.npz`` at that clean
-step boundary and raises ``KeyboardInterrupt``. A second Ctrl-C aborts the step at once; the trainer restores the
-state it had at the start of the step (batch-norm statistics and Generators; weights only change in the
-optimizer update, which is never interrupted) and saves that.
+The run folder (``runfolder.RunFolder``) belongs to one run and is locked while it trains. ``last.npz`` is there
+from the start (step 0) and is rewritten at every epoch end, after ``best.npz`` when the epoch improved on the best
+validation IoU: whatever kills the run, ``best.npz`` is the checkpoint ``last.npz`` names as the best, or a later
+one of the same run that the resumed run writes again identically. Files are written atomically.
+
+Stopping: the first SIGINT (Ctrl-C) or SIGTERM, or a broken output pipe, asks the loop to stop at the next step
+boundary; it then writes ``last.npz`` and raises ``runfolder.Interrupted`` (a ``KeyboardInterrupt``). A second
+signal aborts a step (before its update), a validation or a figure at once: the trainer restores the state it had
+at the start of the step (batch-norm statistics and Generators; weights only change in the update) and saves that.
+Checkpoint writes are never cut short.
+
+Divergence (``finite.TrainingDiverged``): a training loss that is NaN/Inf or ``LOSS_EXPLOSION`` times the first
+step's, non-finite batch-norm statistics in a step, and at each epoch end a validation loss past the same limit or
+a parameter, running statistic or optimizer state that is NaN/Inf or beyond ``finite.MAX_ABS_STATE``, stop the run.
+No checkpoint ever holds such values: ``last.npz`` keeps the last state that passed.
 """
 from __future__ import annotations
 
-import csv
+import math
 import os
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -27,16 +36,17 @@ from .checkpoint import generator_state, load_checkpoint, save_checkpoint, set_g
 from .data import DataLoader, FolderDataset, Subset, SyntheticShapes, train_transform
 from .data.decode import VOID_CHOICES
 from .data.run_data import check_data_fingerprint, dataset_fingerprint, folder_split
-from .io import atomic_write
+from .finite import NonFiniteError, TrainingDiverged, check_logits, unhealthy_arrays
 from .losses import build_loss
 from .metrics import COUNT_NAMES, ConfusionMeter
 from .models.densenet import min_input_size_for
 from .nn import sigmoid
 from .optim import build_optimizer, build_scheduler
+from .runfolder import StopSignals, guarded_std_streams, new_run_id, run_id_of
+from .train_run import HISTORY_FIELDS, RunKeeping  # noqa: F401 (HISTORY_FIELDS: part of this module's API)
 
 MODELS = ("densenet121", "small")
-HISTORY_FIELDS = ("epoch", "step", "lr", "train_loss", "train_iou", "val_loss", "val_iou", "val_dice",
-                  "val_precision", "val_recall", "val_accuracy", "seconds")
+LOSS_EXPLOSION = 1000.0     # a loss this many times the first step's (or 1000 when that was below 1) has diverged
 
 
 @dataclass
@@ -139,13 +149,15 @@ def build_datasets(cfg: TrainConfig, augment_rng: np.random.Generator, progress:
 
 def evaluate(model, loader, loss_fn=None, threshold: float = 0.5, device: str = "cpu", progress: bool = False):
     """Metrics of ``model`` (put in eval mode) over ``loader``: IoU, Dice, precision, recall, accuracy, counts,
-    and the mean ``loss`` when ``loss_fn`` is given."""
+    and the mean ``loss`` when ``loss_fn`` is given. Raises ``finite.NonFiniteError`` when the logits are not finite
+    (a diverged checkpoint)."""
     from tqdm import tqdm
     model.eval()
     meter, loss_sum, batches = ConfusionMeter(threshold), 0.0, 0
     for images, masks in tqdm(loader, desc="validate", leave=False, disable=not progress):
         x, t = to_device(images, device), to_device(masks, device)
         logits = model(x)
+        check_logits(logits)
         if loss_fn is not None:
             loss_sum += float(loss_fn(logits, t))
         meter.update(sigmoid(logits), t)
@@ -156,33 +168,28 @@ def evaluate(model, loader, loss_fn=None, threshold: float = 0.5, device: str = 
     return out
 
 
-def _write_history(path: Path, history: list) -> None:
-    with atomic_write(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
-        w.writeheader()
-        w.writerows({k: row.get(k, "") for k in HISTORY_FIELDS} for row in history)
-
-
-class Trainer:
+class Trainer(RunKeeping):
     """Train a DeepLabV3 as ``TrainConfig`` says, writing ``history.csv``, ``last.npz``, ``best.npz``,
     ``curves.png`` and ``predictions.png`` into ``out_dir`` (nothing is written when it is None).
 
     Args:
         config: the run.
-        out_dir: run folder (created).
+        out_dir: run folder (created; refused when it holds another run, see ``runfolder.RunFolder``).
         progress: show tqdm bars (loss and running IoU).
-        log: called with one line per epoch (e.g. ``print``); None for silence.
-        figures: write the two PNG figures.
+        log: called with one line per epoch (e.g. ``print``); None for silence (warnings then go to ``warnings``).
+        figures: write the two PNG figures (a figure that cannot be written is a warning).
         log_every: also ``log`` a line every this many steps (0: only per epoch), for logs without a terminal.
+        overwrite: replace the files of another run found in ``out_dir``.
     """
 
     def __init__(self, config: TrainConfig, out_dir=None, progress: bool = True, log=None, figures: bool = True,
-                 log_every: int = 0):
+                 log_every: int = 0, overwrite: bool = False):
         from .models import build_deeplab
         from .nn import Dropout
         self.cfg = config.validate()
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress, self.log, self.figures, self.log_every = progress, log, figures, int(log_every)
+        self.overwrite, self.run_id, self.resumed_from = overwrite, new_run_id(), None
         init_seq, *seqs = np.random.SeedSequence(self.cfg.seed).spawn(4)
         self.rngs = dict(zip(("shuffle", "augment", "dropout"), (np.random.default_rng(s) for s in seqs)))
         self.train_set, self.val_set = build_datasets(self.cfg, self.rngs["augment"], None if progress else False)
@@ -206,10 +213,11 @@ class Trainer:
                                          warmup_steps=min(self.cfg.warmup_steps, self.total_steps - 1))
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.epoch_order = None
-        self.history, self.best_iou = [], -1.0
+        self.history, self.best_iou, self.best_epoch, self.first_loss = [], -1.0, None, None
         self.last_val = None        # evaluate()'s dict of the latest validation in this process (None before one)
         self._reset_running()
-        self._stop_requested = self._in_update = False
+        self.stop = StopSignals()   # stop requests (signals, broken pipe, request_stop); installed by fit()
+        self._saved_at = None       # the position (_position()) of the run folder's last.npz, when known
         self.on_step_end = None     # optional callback(trainer) after every completed step (tests, notebooks)
 
     # -- state --------------------------------------------------------------------------------------------
@@ -217,17 +225,36 @@ class Trainer:
         self.running = {"loss_sum": 0.0, "count": 0, "seconds": 0.0}
         self.train_meter = ConfusionMeter(self.cfg.threshold)     # the epoch's training confusion counts
 
+    def _position(self) -> tuple:
+        return self.epoch, self.step_in_epoch, self.global_step
+
     def state_meta(self) -> dict:
         counts = {k: getattr(self.train_meter, k) for k in COUNT_NAMES}
-        return {"train_config": self.cfg.to_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "global_step": self.global_step, "rng": {k: generator_state(g) for k, g in self.rngs.items()},
-                "history": self.history, "best_iou": self.best_iou, "running": {**self.running, **counts},
+        return {"train_config": self.cfg.to_dict(), "run_id": self.run_id, "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "rng": {k: generator_state(g) for k, g in self.rngs.items()}, "history": self.history,
+                "best_iou": self.best_iou, "best_epoch": self.best_epoch, "first_loss": self.first_loss,
+                "running": {**self.running, **counts},
                 "data_fingerprint": self.data_fingerprint}
 
     def save(self, path) -> None:
-        """Atomic checkpoint of the whole training state (see the module docstring)."""
+        """Atomic checkpoint of the whole training state (see the module docstring). Raises
+        ``finite.TrainingDiverged`` instead of writing a state that holds NaN/Inf or exploded values."""
+        problems = self._state_problems()
+        if problems:
+            raise TrainingDiverged(f"not writing {str(path)!r}: {'; '.join(problems[:3])}")
+        self._write(path)
+
+    def _write(self, path) -> None:
         extra = {"epoch_order": self.epoch_order} if self.epoch_order is not None else {}
         save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.state_meta(), extra)
+        if self.out_dir is not None and Path(path) == self.out_dir / "last.npz":
+            self._saved_at = self._position()
+
+    def _state_problems(self) -> list:
+        """What is NaN/Inf or exploded in the weights, buffers (finite.MAX_ABS_STATE) and optimizer state."""
+        optimizer_state = ((f"optimizer {k}", v) for k, v in self.optimizer.state_dict().items())
+        return unhealthy_arrays(self.model.state_dict().items()) + unhealthy_arrays(optimizer_state, bound=None)
 
     def load_state(self, ckpt) -> None:
         """Restore a checkpoint (a path or ``checkpoint.Checkpoint``) into this trainer."""
@@ -248,13 +275,19 @@ class Trainer:
                 setattr(self.train_meter, k, int(self.running.pop(k)))
         except (KeyError, TypeError) as e:
             raise ValueError(f"{ckpt.path!r}: incomplete training checkpoint (missing {e})") from None
+        self.run_id, self.first_loss = run_id_of(meta), meta.get("first_loss")
+        # checkpoints from before best_epoch was stored: the first epoch that reached the best IoU (as '>' picks)
+        self.best_epoch = meta.get("best_epoch") or next(
+            (row["epoch"] for row in self.history if row["val_iou"] == self.best_iou), None)
         order = ckpt.extra.get("epoch_order")
         self.epoch_order = None if order is None else np.asarray(order, dtype=np.int64)
 
     @classmethod
     def from_checkpoint(cls, path, out_dir=None, device: str | None = None, **kwargs) -> Trainer:
-        """A trainer that continues the run saved in ``path`` (its config comes from the checkpoint)."""
-        ckpt = load_checkpoint(path)
+        """A trainer that continues the run saved in ``path`` (its config comes from the checkpoint; ``path`` may
+        also be a ``checkpoint.Checkpoint`` already loaded)."""
+        ckpt = path if hasattr(path, "model_state") else load_checkpoint(path)
+        path = ckpt.path
         if "train_config" not in ckpt.meta:
             raise ValueError(f"{str(path)!r} has no training config; it cannot be resumed")
         cfg = TrainConfig.from_dict(ckpt.meta["train_config"])
@@ -262,6 +295,7 @@ class Trainer:
             cfg.device = device
         trainer = cls(cfg, out_dir=out_dir if out_dir is not None else Path(path).parent, **kwargs)
         trainer.load_state(ckpt)
+        trainer.resumed_from = Path(path)
         return trainer
 
     def _snapshot(self):
@@ -283,49 +317,39 @@ class Trainer:
         self.optimizer.zero_grad()
         logits = self.model(x)
         loss = float(self.loss_fn(logits, t))
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss} at step {self.global_step}; lower --lr")
+        self._check_loss(loss)            # NaN, Inf or exploded: the run stops before this update
         self.model.backward(self.loss_fn.backward(), input_grad=False)
-        self._in_update = True            # from here on Ctrl-C only sets the stop flag
+        self.stop.in_abortable = False    # from here on a signal only asks to stop: an update is never cut short
         self.optimizer.step()
         self.scheduler.step()
         return loss, sigmoid(logits)
 
-    def _on_sigint(self, signum, frame):
-        if self._stop_requested and not self._in_update:
-            raise KeyboardInterrupt
-        self._stop_requested = True
-        if self.log:
-            self.log("\ninterrupt: stopping after this step and saving last.npz (Ctrl-C again to abort the step)")
+    def _check_loss(self, loss: float, what: str = "training loss") -> None:
+        limit = LOSS_EXPLOSION * max(self.first_loss or 1.0, 1.0)
+        if not math.isfinite(loss) or loss > limit:
+            raise FloatingPointError(f"the {what} is {loss:.4g}" + (
+                f", over {LOSS_EXPLOSION:g}x the first step's ({self.first_loss:.4g})" if math.isfinite(loss) else ""))
 
     def request_stop(self) -> None:
-        """Stop after the current step as Ctrl-C does (saves last.npz, then raises KeyboardInterrupt)."""
-        self._stop_requested = True
+        """Stop after the current step as Ctrl-C does (saves last.npz, then raises ``runfolder.Interrupted``)."""
+        self.stop.request("stop requested")
 
     def fit(self) -> list:
         """Train until ``epochs``; returns the history (one dict per epoch)."""
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        handler_installed = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self._on_sigint) if handler_installed else None
-        try:
-            while self.epoch < self.cfg.epochs:
-                self._train_epoch()
-                self._end_epoch()
-            if self.figures and self.out_dir is not None:
-                self.write_predictions()
-        finally:
-            if handler_installed:
-                signal.signal(signal.SIGINT, previous)
+        with self.stop, guarded_std_streams(self._on_broken_pipe):
+            folder = self._open_run_folder()
+            try:
+                while self.epoch < self.cfg.epochs:
+                    self._train_epoch()
+                    self._end_epoch()
+                if self.stop.reason:
+                    self._stopped()
+                if self.figures and self.out_dir is not None:
+                    self._figure("predictions.png", self.write_predictions)
+            finally:
+                if folder is not None:
+                    folder.close()
         return self.history
-
-    def _interrupted(self):
-        if self.out_dir is not None:
-            self.save(self.out_dir / "last.npz")
-            if self.log:
-                self.log(f"saved {self.out_dir / 'last.npz'} at step {self.global_step}; continue with "
-                         f"--resume {self.out_dir / 'last.npz'}")
-        raise KeyboardInterrupt
 
     def _train_epoch(self):
         from tqdm import tqdm
@@ -337,33 +361,35 @@ class Trainer:
         batches = self.train_loader.batches(self.epoch_order, self.step_in_epoch)
         with bar:
             while True:
-                if self._stop_requested:
-                    self._interrupted()
+                if self.stop.reason:
+                    self._stopped()
                 snap, start = self._snapshot(), time.perf_counter()
                 try:
-                    batch = next(batches, None)
-                    if batch is None:
-                        break
-                    loss, probs = self.train_step(*batch)
+                    with self.stop.abortable():   # a second signal may cut this short: train_step ends it
+                        batch = next(batches, None)
+                        if batch is None:
+                            break
+                        loss, probs = self.train_step(*batch)
                 except KeyboardInterrupt:
-                    if self._in_update:       # cannot happen through our handler; be safe anyway
-                        raise
                     self._restore(snap)       # back to the clean state at the start of this step
-                    self._interrupted()
+                    self._stopped()
+                except (FloatingPointError, NonFiniteError) as e:
+                    self._restore(snap)
+                    self._diverged(self._named(e))
                 self.train_meter.update(probs, batch[1])
                 r = self.running
                 r["loss_sum"] += loss
                 r["count"] += 1
                 r["seconds"] += time.perf_counter() - start
+                self.first_loss = loss if self.first_loss is None else self.first_loss
                 self.step_in_epoch += 1
                 self.global_step += 1
-                self._in_update = False
                 bar.set_postfix(loss=f"{r['loss_sum'] / r['count']:.4f}", iou=f"{self._running_iou():.3f}")
                 bar.update()
                 if self.log and self.log_every and self.global_step % self.log_every == 0:
-                    self.log(f"step {self.global_step}/{self.total_steps}: loss {r['loss_sum'] / r['count']:.4f} "
-                             f"IoU {self._running_iou():.4f} lr {self.optimizer.lr:.2e} "
-                             f"{r['seconds'] / r['count']:.2f} s/step")
+                    self._say(f"step {self.global_step}/{self.total_steps}: loss {r['loss_sum'] / r['count']:.4f} "
+                              f"IoU {self._running_iou():.4f} lr {self.optimizer.lr:.2e} "
+                              f"{r['seconds'] / r['count']:.2f} s/step")
                 if self.on_step_end is not None:
                     self.on_step_end(self)
 
@@ -371,8 +397,19 @@ class Trainer:
         return self.train_meter.compute()["iou"] if self.train_meter.total else 1.0
 
     def _end_epoch(self):
-        val = self.last_val = evaluate(self.model, self.val_loader, self.loss_fn, self.cfg.threshold,
-                                       self.cfg.device, progress=self.progress)
+        try:
+            problems = self._state_problems()
+            if problems:
+                raise FloatingPointError("; ".join(problems[:3]))
+            with self.stop.abortable():
+                val = evaluate(self.model, self.val_loader, self.loss_fn, self.cfg.threshold, self.cfg.device,
+                               progress=self.progress)
+            self._check_loss(val["loss"], "validation loss")
+        except KeyboardInterrupt:
+            self._stopped()           # saves the epoch's training; its validation runs again on resume
+        except (FloatingPointError, NonFiniteError) as e:
+            self._diverged(f"{e} after epoch {self.epoch + 1}", at_epoch_end=True)
+        self.last_val = val
         r = self.running
         row = {"epoch": self.epoch + 1, "step": self.global_step, "lr": self.optimizer.lr,
                "train_loss": r["loss_sum"] / max(r["count"], 1), "train_iou": self._running_iou(),
@@ -380,20 +417,20 @@ class Trainer:
                **{f"val_{k}": val[k] for k in ("iou", "dice", "precision", "recall", "accuracy")}}
         self.history.append(row)
         self.epoch, self.epoch_order, self.step_in_epoch = self.epoch + 1, None, 0
-        if self.log:
-            self.log(f"epoch {row['epoch']}/{self.cfg.epochs}: train loss {row['train_loss']:.4f} "
-                     f"IoU {row['train_iou']:.4f} | val loss {row['val_loss']:.4f} IoU {row['val_iou']:.4f} "
-                     f"Dice {row['val_dice']:.4f} | {row['seconds']:.0f} s")
         improved = row["val_iou"] > self.best_iou
-        self.best_iou = max(self.best_iou, row["val_iou"])
+        if improved:
+            self.best_iou, self.best_epoch = row["val_iou"], row["epoch"]
+        self._say(f"epoch {row['epoch']}/{self.cfg.epochs}: train loss {row['train_loss']:.4f} "
+                  f"IoU {row['train_iou']:.4f} | val loss {row['val_loss']:.4f} IoU {row['val_iou']:.4f} "
+                  f"Dice {row['val_dice']:.4f} | {row['seconds']:.0f} s")
         if self.out_dir is not None:
-            self.save(self.out_dir / "last.npz")
-            if improved:
-                self.save(self.out_dir / "best.npz")
-            _write_history(self.out_dir / "history.csv", self.history)
+            if improved:                  # before the last.npz that records it (see the module docstring)
+                self._write(self.out_dir / "best.npz")
+            self._write(self.out_dir / "last.npz")
+            self._write_history()
             if self.figures:
                 from .plots import plot_curves
-                plot_curves(self.history, self.out_dir / "curves.png")
+                self._figure("curves.png", lambda: plot_curves(self.history, self.out_dir / "curves.png"))
 
     def write_predictions(self, path=None) -> Path:
         """``predictions.png`` for the first validation batch (up to 4 images)."""

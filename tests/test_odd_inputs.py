@@ -394,13 +394,11 @@ def test_cli_case(tmp_path, checkpoint, monkeypatch, capsys, argv, fragments):
 
 
 def test_disk_full_while_predicting_names_the_file(tmp_path, checkpoint, monkeypatch, capsys):
-    import minideeplab.cli as cli
+    import minideeplab.io as mio
 
-    @contextmanager
-    def full(path, *args, **kwargs):
+    def full(fd):            # the disk fills while the mask's temporary file is synced: the error is about that file
         raise OSError(errno.ENOSPC, "No space left on device")
-        yield
-    monkeypatch.setattr(cli, "atomic_write", full)
+    monkeypatch.setattr(mio.os, "fsync", full)
     _one_line_error(capsys, ["predict", checkpoint, _image(tmp_path), "--out", tmp_path / "o"],
                     "x_mask.png", "No space left on device")
 

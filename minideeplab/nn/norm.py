@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import fuse, get_array_module
+from ..backend import fuse, get_array_module, launch_bound
+from ..finite import NonFiniteError, is_finite
 from .functional import channel_mean, channel_sum, check_dtype, check_input
 from .module import Module, Parameter
 
@@ -29,7 +30,10 @@ class BatchNorm2d(Module):
 
     Training uses the batch's mean and (biased) variance and updates the running estimates
     ``running = (1 - momentum) * running + momentum * batch`` with the unbiased variance, as PyTorch does.
-    Eval uses ``running_mean`` / ``running_var``.
+    Eval uses ``running_mean`` / ``running_var``. On the CPU a training batch whose statistics are not finite
+    raises ``finite.NonFiniteError`` (a ValueError) before the running estimates are touched (one sum over C
+    values); on a GPU that read would be a synchronisation per layer, so there ``Trainer`` catches the NaN in the
+    loss and restores the running estimates of the step instead.
 
     Shapes:
         x: (N, C, H, W) -> out: (N, C, H, W).
@@ -97,6 +101,12 @@ class BatchNorm2d(Module):
             raise ValueError(f"BatchNorm2d: stats must be (centered {tuple(x.shape)}, mean ({x.shape[1]},), var), "
                              f"got centered {tuple(stats[0].shape)} and mean {tuple(stats[1].shape)}")
         centered, mean, var = batch_statistics(x) if stats is None else stats
+        # one sum over C values (a NaN/Inf anywhere in x reaches its channel's variance), where a host read is free:
+        # on a GPU it would be one synchronisation per layer (Trainer's loss check catches the NaN there instead)
+        if not launch_bound(var) and not is_finite(var):
+            raise NonFiniteError(f"BatchNorm2d({self.num_features}): the batch statistics are not finite (the input "
+                                 "holds NaN or Inf, or values too large for float32); running statistics left "
+                                 "unchanged", layer=self)
         m = self.momentum                       # the variance's running average is of the unbiased one
         self.inv_std, self.scale = _train_statistics(mean, var, self.running_mean, self.running_var,
                                                      self.weight.data if self.affine else None, 1 - m, m,
