@@ -9,7 +9,6 @@ Tables: ``IMAGE_CASES`` (``load_image``), ``MASK_CASES`` (``load_mask``, the doc
 """
 import errno
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
