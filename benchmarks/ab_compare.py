@@ -1,6 +1,7 @@
 """Paired A/B of our step: the working tree's package against a committed version, side by side in ONE process.
 
     .venv/bin/python benchmarks/ab_compare.py --base 4ce1f3f [--mode train|eval] [--pairs 20] [--os 16] [--threads 2]
+                                              [--clock wall|cpu]
 
 On a shared machine whose speed drifts by tens of percent within minutes, two runs one after the other say little
 about a few percent. Here both versions are imported at once (the base one extracted with ``git archive`` into a
@@ -67,7 +68,7 @@ def make_step(pkg, mode: str, output_stride: int, batch: int, size: int, small: 
     return train_step
 
 
-def paired_ratios(new_step, base_step, pairs: int) -> list[float]:
+def paired_ratios(new_step, base_step, pairs: int, clock=time.perf_counter) -> list[float]:
     """``pairs`` ratios time(new) / time(base), the two steps run back to back in alternating order."""
     for step in (new_step, base_step, new_step, base_step):      # warm-up: allocations, optimizer state
         step()
@@ -76,9 +77,9 @@ def paired_ratios(new_step, base_step, pairs: int) -> list[float]:
         times = {}
         for name, step in ((("new", new_step), ("base", base_step)) if i % 2 == 0
                            else (("base", base_step), ("new", new_step))):
-            start = time.perf_counter()
+            start = clock()
             step()
-            times[name] = time.perf_counter() - start
+            times[name] = clock() - start
         ratios.append(times["new"] / times["base"])
     return ratios
 
@@ -93,9 +94,15 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--small", action="store_true", help="the tiny config (DeepLabConfig.small): a smoke run")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: this thread's CPU time (time.thread_time), which other processes on a busy machine "
+                         "barely change; honest with --threads 1 only (BLAS then computes in this thread)")
     args = ap.parse_args(argv)
     if args.pairs < 2:
         ap.error(f"--pairs must be at least 2, got {args.pairs}")
+    if args.clock == "cpu" and args.threads != 1:
+        ap.error("--clock cpu needs --threads 1 (the CPU time of BLAS's other threads would not be counted)")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     from threadpoolctl import threadpool_limits
 
     sys.path.insert(0, str(ROOT))
@@ -106,14 +113,14 @@ def main(argv=None) -> int:
             steps = [make_step(pkg, args.mode, args.output_stride, args.batch, args.size, args.small)
                      for pkg in (new, base)]
             with threadpool_limits(args.threads):
-                ratios = paired_ratios(*steps, args.pairs)
+                ratios = paired_ratios(*steps, args.pairs, clock)
         finally:                                    # leave no trace of the base package in this interpreter
             sys.path[:] = [p for p in sys.path if p != tmp]
             for name in [m for m in sys.modules if m == BASE_NAME or m.startswith(BASE_NAME + ".")]:
                 del sys.modules[name]
     q1, _, q3 = statistics.quantiles(ratios, n=4)
     print(f"{args.mode} step, OS {args.output_stride}, {args.batch}x3x{args.size}x{args.size}, {args.threads} threads: "
-          f"new / {args.base} = {statistics.median(ratios):.3f} (median of {len(ratios)} paired ratios, "
+          f"{args.clock} time new / {args.base} = {statistics.median(ratios):.3f} (median of {len(ratios)} paired ratios, "
           f"quartiles {q1:.3f}-{q3:.3f})")
     return 0
 

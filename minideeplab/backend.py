@@ -191,6 +191,12 @@ def as_captured():
         _as_captured_depth -= 1
 
 
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured now, or code takes the captured path (``as_captured``): Python run
+    now will not run again at a replay (``nn.hooks`` refuses to run hooks then). False without CuPy."""
+    return bool(_as_captured_depth) or (_cupy is not None and _capturing())
+
+
 def synchronize(x=None) -> None:
     """Wait for queued GPU work on every stream (for honest timings); a no-op on the CPU."""
     if _cupy is not None and (x is None or is_cuda_array(x)):

@@ -76,8 +76,10 @@ class TypeProfiler:
         def timed(*args, **kwargs):
             with self.region(category, conv, slot):
                 return original(*args, **kwargs)
+        # what the instance had of its own (a hooked method, nn/hooks.py) comes back on detach; else the class's
+        own = owner.__dict__.get(name) if not isinstance(owner, type(conv_module)) else original
         object.__setattr__(owner, name, timed)
-        self._undo.append((owner, name, original))
+        self._undo.append((owner, name, own))
 
     def attach(self) -> TypeProfiler:
         for _, m in self.model.named_modules():
@@ -104,6 +106,8 @@ class TypeProfiler:
         for owner, name, original in reversed(self._undo):
             if isinstance(owner, type(conv_module)):
                 setattr(owner, name, original)
+            elif original is not None:
+                owner.__dict__[name] = original
             else:
                 owner.__dict__.pop(name, None)
         self._undo.clear()

@@ -79,7 +79,9 @@ class _FusedHead(_Named):
     and in eval mode a BatchNorm2d fourth child too (folded into the same GEMM).
 
     Same parameters, same result (up to float rounding) and same gradients as running them one by one, which it
-    does while ``fused`` is False (``set_fused(model, False)``: e.g. to watch each of the three layers' forward).
+    does while ``fused`` is False (``set_fused(model, False)``: e.g. to watch each of the three layers' forward),
+    and while one of those layers (or the folded norm2) carries a hook (``nn/hooks.py``): hooks see each layer's
+    real input, output and gradients.
     """
 
     fused = True
@@ -93,7 +95,10 @@ class _FusedHead(_Named):
     def forward(self, x, stats=None):
         """``stats``: the batch statistics of ``x`` when the caller has them already (see ``SharedBatchStatistics``)."""
         norm, relu, conv = list(self.children())[:3]
-        self.head_was_fused = bool(self.fused)
+        post = self.fused_head.post
+        # a hook on a layer of the head (or on norm2, folded in eval) must see it run: then layer by layer
+        hooked = norm._hooks or relu._hooks or conv._hooks or (post is not None and post._hooks)
+        self.head_was_fused = bool(self.fused) and not hooked
         x = self.fused_head.forward(x, stats) if self.head_was_fused else conv(relu(norm(x, stats)))
         for m in self._after_head():
             x = m(x)
@@ -229,7 +234,8 @@ class DenseBlock(Module):
     saving by recomputing the concatenations in backward; here they are never materialised at all.)
     In training mode the ``norm1`` layers likewise share one ``SharedBatchStatistics`` of the buffer, and
     backward applies the part of their gradients that multiplies the shared centred values once per channel
-    instead of once per layer (see ``backward``).
+    instead of once per layer (see ``backward``). A layer that, or whose ``norm1``, carries a hook (``nn/hooks.py``)
+    runs its plain backward instead, so that the hook sees its real gradients: the same numbers.
 
     Shapes:
         x: (N, C_in, H, W) -> out: (N, C_in + num_layers * growth_rate, H, W).
@@ -295,12 +301,14 @@ class DenseBlock(Module):
         for layer in reversed(list(self.children())):
             c -= self.growth_rate
             own = grad[:, c:c + self.growth_rate]
-            if shared is None:
-                grad[:, :c] += layer.backward(own)
-                continue
-            if c < shared.done:     # read by a later layer (the last layer's output was read by none)
+            if shared is not None and c < shared.done:     # read by a later layer (the last one's output by none)
                 _apply_deferred(own, shared.centered[:, c:c + self.growth_rate], sum_mean[c:c + self.growth_rate],
                                 sum_k[c:c + self.growth_rate])
+            if shared is None or layer._hooks or layer.norm1._hooks:
+                # the layer's whole backward, its norm1's mean terms included (hooks on it or its norm1 see the
+                # real gradients; the deferred terms of the other layers are linear and add up the same)
+                grad[:, :c] += layer.backward(own)
+                continue
             sg, scale, mean_d, k = layer.backward_terms(own)
             grad[:, :c] += sg
             if k is not None:       # None: this norm1 ran in eval mode (frozen batch norm), dx = scale * g

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..backend import DEVICES, check_device, device_of, get_array_module, to_device
+from . import hooks
 
 
 class Parameter:
@@ -313,8 +314,28 @@ class Module:
     def _clear_cache(self) -> None:
         """Forget activations cached by forward (after a device/dtype change). Layers override."""
 
+    # -- hooks (nn/hooks.py: semantics, which modules fire, the fused and deferred paths) ----------------
+    _hooks = None   # this instance's hooks.HookSet once a hook is registered on it
+
+    def register_forward_pre_hook(self, hook) -> hooks.RemovableHandle:
+        """``hook(module, inputs) -> None or new inputs`` before every forward of this module."""
+        return hooks.add_hook(self, "forward_pre", hook)
+
+    def register_forward_hook(self, hook) -> hooks.RemovableHandle:
+        """``hook(module, inputs, output) -> None or a new output`` after every forward of this module."""
+        return hooks.add_hook(self, "forward", hook)
+
+    def register_full_backward_pre_hook(self, hook) -> hooks.RemovableHandle:
+        """``hook(module, grad_output) -> None or a new grad_output`` before every backward (``(dout,)``)."""
+        return hooks.add_hook(self, "backward_pre", hook)
+
+    def register_full_backward_hook(self, hook) -> hooks.RemovableHandle:
+        """``hook(module, grad_input, grad_output) -> None or a new grad_input`` after every backward."""
+        return hooks.add_hook(self, "backward", hook)
+
     # -- compute ------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        # hooks need no check here: a module with hooks has its own forward (nn/hooks.py), found first
         return self.forward(*args, **kwargs)
 
     def forward(self, *args):
