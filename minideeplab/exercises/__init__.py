@@ -1,0 +1,1 @@
+"""Exercises graded by the gradient checks (docs/exercises.md): the solution regions and the notebooks."""
