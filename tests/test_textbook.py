@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from minideeplab import losses, nn
 from minideeplab import textbook as tb
 from minideeplab.backend import to_numpy
+from minideeplab.exercises.loader import ALLOWED_IMPORTS
 from minideeplab.exercises.regions import is_marker
 from minideeplab.gradcheck import check_module
 from minideeplab.models import aspp as fast_aspp
@@ -82,12 +83,7 @@ def on(xp, *modules):
 
 
 # -- the rules: plain imports, one screen per layer ------------------------------------------------------------
-ALLOWED = {
-    "__future__": None, "numpy": None,
-    "minideeplab.backend": {"get_array_module"},
-    "minideeplab.nn.module": {"Module", "Parameter", "Sequential", "ModuleList", "Identity"},
-    "minideeplab.models.config": {"DeepLabConfig", "default_rates"},
-}
+ALLOWED = ALLOWED_IMPORTS     # one rule for the textbook and for a student's copy of it (minideeplab exercises)
 
 
 def _imports(path):

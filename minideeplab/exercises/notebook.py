@@ -47,7 +47,7 @@ def versioned_cells(text: str, version: str, where: str = "<cells>") -> list[tup
         if version == "instructor":
             src = drop_markers(src, cell)
         elif kind == "code":
-            src = student_code(src, cell, label=lambda region: "exercise")
+            src = student_code(src, cell)
         else:
             src = student_markdown(src, cell)
         out.append((kind, src))
