@@ -129,12 +129,6 @@ EXERCISES = (
     Exercise("upsample_backward", "bilinear Upsample backward", "resize.py", ("Upsample.backward",),
              "dx against finite differences and the fast Upsample: up, down, a scale factor, align_corners", 2,
              graders.upsample_backward),
-    Exercise("bce_grad", "BCE-with-logits gradient", "loss.py", ("BCEWithLogitsLoss.backward",),
-             "dL/dlogits for reductions mean, sum, none and a pos_weight, against finite differences and the fast "
-             "loss, also at saturated logits (|x| ~ 30)", 3, graders.bce_grad),
-    Exercise("dice_grad", "Dice gradient", "loss.py", ("DiceLoss.backward",),
-             "dL/dlogits of the batch Dice and the per-image Dice against finite differences and the fast loss", 3,
-             graders.dice_grad),
     Exercise("dense_block_backward", "DenseBlock backward (the sum at the concatenation)", "densenet.py",
              ("DenseBlock.backward",),
              "dx and every parameter gradient of a 3-layer block (the solution's DenseLayers) against finite "
@@ -144,6 +138,12 @@ EXERCISES = (
              ("ASPP.forward", "ASPP.backward"),
              "out, dx and every parameter gradient of an ASPP (the solution's branches) against finite differences "
              "and the fast ASPP; dx is the sum over the five branches", 2, graders.aspp_fork_join),
+    Exercise("bce_grad", "BCE-with-logits gradient", "loss.py", ("BCEWithLogitsLoss.backward",),
+             "dL/dlogits for reductions mean, sum, none and a pos_weight, against finite differences and the fast "
+             "loss, also at saturated logits (|x| ~ 30)", 3, graders.bce_grad),
+    Exercise("dice_grad", "Dice gradient", "loss.py", ("DiceLoss.backward",),
+             "dL/dlogits of the batch Dice and the per-image Dice against finite differences and the fast loss", 3,
+             graders.dice_grad),
 )
 BY_NAME = {e.name: e for e in EXERCISES}
 

@@ -178,12 +178,12 @@ def _err(value) -> str:
 
 def format_report(results: list[Result], directory, seconds: float, width: int = 110) -> str:
     """The table: one line per exercise; under a failed one, where it is and the hint."""
-    head = f"{'exercise':<21} {'result':<6} {'vs finite diff':>14} {'vs solution':>12}  wrong tensor"
+    head = f"{'exercise':<21} {'result':<6}  {'vs finite diff':>14}  {'vs solution':>11}  wrong tensor"
     lines = [f"minideeplab exercises check {directory}", "", head, "-" * len(head)]
     for r in results:
         wrong = ", ".join(r.wrong[:2]) + (f" (+{len(r.wrong) - 2} more)" if len(r.wrong) > 2 else "")
-        lines.append(f"{r.name:<21} {'pass' if r.passed else 'FAIL':<6} {_err(r.fd_error):>14} "
-                     f"{_err(r.ref_error):>12}  {wrong or ('-' if r.passed else '(an error)')}")
+        lines.append(f"{r.name:<21} {'pass' if r.passed else 'FAIL':<6}  {_err(r.fd_error):>14}  "
+                     f"{_err(r.ref_error):>11}  {wrong or ('-' if r.passed else '(an error)')}")
         if not r.passed:
             lines.append(f"    in:   {r.where}")
             lines += textwrap.wrap(r.hint, width=width, initial_indent="    hint: ", subsequent_indent="          ")
