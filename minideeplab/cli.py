@@ -1,4 +1,4 @@
-"""The ``minideeplab`` command: train, evaluate, predict, bench.
+"""The ``minideeplab`` command: train, evaluate, predict, bench, exercises.
 
 Errors a user can cause (a bad path, a corrupt image, a file that is not a checkpoint, an invalid option) print
 one line ``minideeplab <command>: error: ...`` to stderr and exit with a non-zero code, without a traceback.
@@ -101,13 +101,19 @@ def _add_predict(sub):
     p.set_defaults(func=cmd_predict)
 
 
+def _add_exercises(sub):
+    from .exercises.cli import add_parser  # exercises new/check/list (docs/exercises.md)
+    add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="minideeplab", description="DeepLabV3 + DenseNet121 on NumPy/CuPy, for binary masks.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,bench,exercises}")
     _add_train(sub)
     _add_evaluate(sub)
     _add_predict(sub)
     sub.add_parser("bench", help="performance benchmarks (minideeplab.bench; see 'minideeplab bench --help')")
+    _add_exercises(sub)
     return parser
 
 

@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from minideeplab import losses, nn
 from minideeplab import textbook as tb
 from minideeplab.backend import to_numpy
+from minideeplab.exercises.loader import ALLOWED_IMPORTS
+from minideeplab.exercises.regions import is_marker
 from minideeplab.gradcheck import check_module
 from minideeplab.models import aspp as fast_aspp
 from minideeplab.models import densenet as fast_densenet
@@ -81,12 +83,7 @@ def on(xp, *modules):
 
 
 # -- the rules: plain imports, one screen per layer ------------------------------------------------------------
-ALLOWED = {
-    "__future__": None, "numpy": None,
-    "minideeplab.backend": {"get_array_module"},
-    "minideeplab.nn.module": {"Module", "Parameter", "Sequential", "ModuleList", "Identity"},
-    "minideeplab.models.config": {"DeepLabConfig", "default_rates"},
-}
+ALLOWED = ALLOWED_IMPORTS     # one rule for the textbook and for a student's copy of it (minideeplab exercises)
 
 
 def _imports(path):
@@ -121,9 +118,10 @@ def test_the_import_rule_catches_a_fast_import(tmp_path):
 
 
 def code_lines(fn) -> int:
-    """Physical lines of a function's source, its docstring excluded (comments and blank lines count)."""
+    """Physical lines of a function's source, its docstring and the exercise markers (``### BEGIN SOLUTION``,
+    ``### HINT: ...``, ``### END SOLUTION``: not code) excluded; comments and blank lines count."""
     source = inspect.getsource(fn)
-    lines = source.splitlines()
+    lines = [line for line in source.splitlines() if not is_marker(line)]
     body = ast.parse(inspect.cleandoc("\n" + source) if source[0] == " " else source).body[0]
     doc = body.body[0] if body.body and isinstance(body.body[0], ast.Expr) and \
         isinstance(getattr(body.body[0], "value", None), ast.Constant) and isinstance(body.body[0].value.value, str) \
@@ -156,7 +154,7 @@ def test_every_layer_fits_on_one_screen():
     assert counts["Conv2d"] > 10 and counts["im2col"] > 5     # the measure measures something
 
 
-def test_code_lines_skips_the_docstring_only():
+def test_code_lines_skips_the_docstring_and_the_exercise_markers_only():
     def f(x):
         """One.
 
@@ -165,6 +163,15 @@ def test_code_lines_skips_the_docstring_only():
         # a comment
         return x
     assert code_lines(f) == 3
+
+    def g(x):
+        """One."""
+        ### BEGIN SOLUTION
+        ### HINT: a hint
+        # a comment
+        return x
+        ### END SOLUTION
+    assert code_lines(g) == 3
 
 
 def test_every_backward_states_its_derivative():

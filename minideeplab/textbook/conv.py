@@ -33,12 +33,16 @@ def im2col(x, kernel_size, stride=1, padding=0, dilation=1):
     xp = get_array_module(x)
     N, C, H, W = x.shape
     Ho, Wo = conv_output_size(H, kh, sh, ph, dh), conv_output_size(W, kw, sw, pw, dw)
+    ### BEGIN SOLUTION
+    ### HINT: zero-pad x; tap (i, j) of output pixel (y, x) reads padded pixel (s*y + d*i, s*x + d*j): for each kernel
+    ### HINT: offset copy that strided slice into cols[:, :, i, j] of a (N, C, kh, kw, Ho, Wo) array (loop over offsets only)
     xpad = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     cols = xp.empty((N, C, kh, kw, Ho, Wo), dtype=x.dtype)
     for i in range(kh):          # tap (i, j) reads the input pixels (s*y + d*i, s*x + d*j) of the padded input
         for j in range(kw):
             cols[:, :, i, j] = xpad[:, :, i * dh:i * dh + sh * (Ho - 1) + 1:sh, j * dw:j * dw + sw * (Wo - 1) + 1:sw]
     return cols.reshape(N, C * kh * kw, Ho * Wo)
+    ### END SOLUTION
 
 
 def col2im(cols, x_shape, kernel_size, stride=1, padding=0, dilation=1):
@@ -51,12 +55,16 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0, dilation=1):
     xp = get_array_module(cols)
     N, C, H, W = x_shape
     Ho, Wo = conv_output_size(H, kh, sh, ph, dh), conv_output_size(W, kw, sw, pw, dw)
+    ### BEGIN SOLUTION
+    ### HINT: im2col backwards: for each kernel offset (i, j) put cols[:, :, i, j] back on the slice of a zero padded
+    ### HINT: (N, C, H + 2ph, W + 2pw) array it was read from; windows overlap, so mind = versus +=; then crop the padding
     cols = cols.reshape(N, C, kh, kw, Ho, Wo)
     dxpad = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=cols.dtype)
     for i in range(kh):
         for j in range(kw):
             dxpad[:, :, i * dh:i * dh + sh * (Ho - 1) + 1:sh, j * dw:j * dw + sw * (Wo - 1) + 1:sw] += cols[:, :, i, j]
     return dxpad[:, :, ph:ph + H, pw:pw + W]
+    ### END SOLUTION
 
 
 class Conv2d(Module):
@@ -104,6 +112,9 @@ class Conv2d(Module):
         return out.reshape(N, self.out_channels, Ho, Wo)
 
     def backward(self, dout):
+        ### BEGIN SOLUTION
+        ### HINT: forward was out_n = W2 @ cols_n + b with W2 = weight as (F, C*kh*kw): three matrix-product gradients.
+        ### HINT: ADD dW and db into weight.grad and bias.grad (+=); dx: the columns' gradient W2^T @ dout_n, folded back by col2im
         N, F = dout.shape[:2]
         d2 = dout.reshape(N, F, -1)                                            # (N, F, Ho*Wo)
         w2 = self.weight.data.reshape(F, -1)                                   # (F, C*kh*kw)
@@ -113,6 +124,7 @@ class Conv2d(Module):
             self.bias.grad += dout.sum(axis=(0, 2, 3))
         # dL/dx = W^T . dout, folded back by col2im
         return col2im(w2.T @ d2, self.x_shape, self.kernel_size, self.stride, self.padding, self.dilation)
+        ### END SOLUTION
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -82,11 +82,17 @@ class ASPP(Module):
                              bn=BatchNorm2d(out_channels, dtype=dtype), relu=ReLU(), dropout=Dropout(dropout, rng=rng))
 
     def forward(self, x):
+        ### BEGIN SOLUTION
+        ### HINT: the fork: the four branches and the pooling branch all read x; the join: concatenate the five outputs along the channels, then project
         xp = get_array_module(x)
         outs = [branch(x) for branch in self.branches] + [self.pooling(x)]    # the fork: five branches read x
         return self.project(xp.concatenate(outs, axis=1))                      # the join: one concatenation
+        ### END SOLUTION
 
     def backward(self, dout):
+        ### BEGIN SOLUTION
+        ### HINT: undo forward in reverse: the projection first; the join (a concatenation) splits its gradient into one
+        ### HINT: channel slice per branch, in forward's order; the fork (x read five times) sums what the branches send back
         xp = get_array_module(dout)
         # the join's backward splits: each branch gets its own slice of the concatenation's gradient
         parts = xp.split(self.project.backward(dout), 5, axis=1)
@@ -95,6 +101,7 @@ class ASPP(Module):
         for branch, part in zip(self.branches, parts[:4]):
             dx = dx + branch.backward(part)
         return dx
+        ### END SOLUTION
 
     def extra_repr(self):
         return f"{self.in_channels}, {self.out_channels}, rates={self.rates}"

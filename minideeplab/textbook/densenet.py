@@ -81,6 +81,9 @@ class DenseBlock(Module):
         return xp.concatenate(features, axis=1)
 
     def backward(self, dout):
+        ### BEGIN SOLUTION
+        ### HINT: walk the layers last to first; layer l wrote channels [c, c + k) of the output and read channels [0, c).
+        ### HINT: Every tensor is read by all later layers: what flows back into it must be summed. Copy dout first
         grad = dout.copy()   # channel slice c of grad: dL/d(that channel of the concatenation); dout stays intact
         c = self.out_channels
         for layer in reversed(list(self.children())):
@@ -89,6 +92,7 @@ class DenseBlock(Module):
             # read it) has added its part; the sum: the layer read concat(slices [0, c)), so its dx adds onto them
             grad[:, :c] += layer.backward(grad[:, c:c + self.growth_rate])
         return grad[:, :self.num_input_features]
+        ### END SOLUTION
 
     def extra_repr(self):
         return f"num_layers={self.num_layers}, in={self.num_input_features}, growth_rate={self.growth_rate}"

@@ -56,11 +56,15 @@ class BCEWithLogitsLoss(Module):
         return xp.asarray(loss.mean() if self.reduction == "mean" else loss.sum())
 
     def backward(self, dout=1.0):
+        ### BEGIN SOLUTION
+        ### HINT: differentiate l = (1-t) softplus(x) + p t softplus(-x) (softplus' = sigmoid, the module's stable one); the
+        ### HINT: reduction 'mean' divides by the number of elements; multiply by dout (a number, or an array for 'none')
         xp = get_array_module(self.x)
         p = 1.0 if self.pos_weight is None else xp.asarray(self.pos_weight, dtype=self.x.dtype)
         # dl/dx = (1 - t) s(x) - p t s(-x)  (= s(x) - t for p = 1); "mean" divides by the number of elements
         grad = (1 - self.t) * sigmoid(self.x) - p * self.t * sigmoid(-self.x)
         return grad * (dout / self.x.size if self.reduction == "mean" else dout)
+        ### END SOLUTION
 
     def extra_repr(self):
         return f"pos_weight={self.pos_weight!r}, reduction={self.reduction!r}"
@@ -98,9 +102,13 @@ class DiceLoss(Module):
         return xp.asarray(xp.mean(1 - self.num / self.den))
 
     def backward(self, dout=1.0):
+        ### BEGIN SOLUTION
+        ### HINT: L = 1 - num/den: num and den both depend on every p_i (the quotient rule), then dp/dx = p (1 - p);
+        ### HINT: with per_image the loss is the mean over the N images
         n = self.p.shape[0] if self.per_image and self.p.ndim > 1 else 1    # images averaged over
         # dL/dx_i = -p_i (1 - p_i) (2 t_i den - num) / den^2 / n  (dnum/dp_i = 2 t_i, dden/dp_i = 1, dp/dx = p(1-p))
         return -self.p * (1 - self.p) * (2 * self.t * self.den - self.num) / (self.den ** 2 * n) * dout
+        ### END SOLUTION
 
     def extra_repr(self):
         return f"smooth={self.smooth}, per_image={self.per_image}"

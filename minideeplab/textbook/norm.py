@@ -62,6 +62,9 @@ class BatchNorm2d(Module):
         return xhat * self.weight.data[:, None, None] + self.bias.data[:, None, None] if self.affine else xhat
 
     def backward(self, dout):
+        ### BEGIN SOLUTION
+        ### HINT: gamma and beta: sums over (N, H, W). Eval (not self.batch_stats): mean and var are constants. Training: x
+        ### HINT: reaches L through xhat, the variance and the mean; dvar, then dmean, then dx (docs/derivations.md)
         n = dout.shape[0] * dout.shape[2] * dout.shape[3]
         xhat, inv_std = self.centered * self.inv_std, self.inv_std
         if self.affine:   # dL/dgamma = sum dout * xhat ;  dL/dbeta = sum dout (over batch and pixels)
@@ -75,6 +78,7 @@ class BatchNorm2d(Module):
         dmean = -(dxhat * inv_std).sum(axis=(0, 2, 3), keepdims=True) \
             + dvar * -2.0 * self.centered.mean(axis=(0, 2, 3), keepdims=True)      # (this second term is 0)
         return dxhat * inv_std + dvar * 2.0 * self.centered / n + dmean / n
+        ### END SOLUTION
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"

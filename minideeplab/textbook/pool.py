@@ -34,6 +34,9 @@ class MaxPool2d(Module):
         return windows.max(axis=2)
 
     def backward(self, dout):
+        ### BEGIN SOLUTION
+        ### HINT: each window's dout goes to ONE input, the tap that won (self.argmax): build the columns' gradient as a
+        ### HINT: one-hot over the kh*kw taps, fold it back with col2im onto the -inf padded shape, crop the padding
         xp = get_array_module(dout)
         N, C, H, W = self.x_shape
         (kh, kw), (ph, pw) = self.kernel_size, self.padding
@@ -42,6 +45,7 @@ class MaxPool2d(Module):
         dcols = (one_hot * dout[:, :, None]).reshape(N, C * kh * kw, -1)
         dxpad = col2im(dcols, (N, C, H + 2 * ph, W + 2 * pw), self.kernel_size, self.stride)
         return dxpad[:, :, ph:ph + H, pw:pw + W]
+        ### END SOLUTION
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
@@ -70,12 +74,15 @@ class AvgPool2d(Module):
         return cols.mean(axis=2)
 
     def backward(self, dout):
+        ### BEGIN SOLUTION
+        ### HINT: every input of a window gets the same share of its dout (the mean's weight); col2im folds the columns back
         xp = get_array_module(dout)
         N, C, Ho, Wo = dout.shape
         taps = self.kernel_size[0] * self.kernel_size[1]
         # dL/dx = dout / (kh*kw) added to every input of the window (col2im sums the overlaps)
         dcols = xp.broadcast_to(dout[:, :, None] / taps, (N, C, taps, Ho, Wo)).reshape(N, C * taps, Ho * Wo)
         return col2im(dcols, self.x_shape, self.kernel_size, self.stride, self.padding)
+        ### END SOLUTION
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
@@ -101,6 +108,9 @@ class AdaptiveAvgPool2d(Module):
         return x.mean(axis=(2, 3), keepdims=True)
 
     def backward(self, dout):
+        ### BEGIN SOLUTION
+        ### HINT: the mean over H*W pixels: every pixel gets the same share of dout; return the input's shape
         xp = get_array_module(dout)
         # dL/dx = dout / (H*W), the same at every pixel of the map
         return xp.broadcast_to(dout / (self.x_shape[2] * self.x_shape[3]), self.x_shape).copy()
+        ### END SOLUTION

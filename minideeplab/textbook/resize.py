@@ -69,8 +69,11 @@ class Upsample(Module):
         return self.A_h @ x @ self.A_w.T
 
     def backward(self, dout):
+        ### BEGIN SOLUTION
+        ### HINT: forward was out = A_h @ x @ A_w^T, linear in x; dx has the input's shape (N, C, H, W)
         # out = A_h x A_w^T is linear in x, so dL/dx = A_h^T . dout . A_w
         return self.A_h.T @ dout @ self.A_w
+        ### END SOLUTION
 
     def extra_repr(self):
         what = f"size={self.size}" if self.size is not None else f"scale_factor={self.scale_factor}"

@@ -199,12 +199,15 @@ def L():
 
 
 idx, eps = (1, 2, 0, 1), 1e-6
+### BEGIN SOLUTION
+### HINT: set conv.weight.data[idx] to w0 + eps, then to w0 - eps, evaluating L() each time (plus, minus); restore w0
 w0 = conv.weight.data[idx]
 conv.weight.data[idx] = w0 + eps
 plus = L()
 conv.weight.data[idx] = w0 - eps
 minus = L()
 conv.weight.data[idx] = w0
+### END SOLUTION
 print(f"dL/dW{list(idx)}: backward {conv.weight.grad[idx]:.10f}   finite difference {(plus - minus) / (2 * eps):.10f}")
 
 # %% [markdown]
@@ -216,3 +219,39 @@ print(f"dL/dW{list(idx)}: backward {conv.weight.grad[idx]:.10f}   finite differe
 result = check_module(conv, x, rng=rng)
 print(result)
 print("worst relative error:", f"{result.worst:.1e}")
+
+# %% [markdown]
+# ## Questions
+#
+# Answer in a sentence or two; compute what you can with the package (`conv_output_size`, `im2col`, `col2im`).
+#
+# **Q1.** DenseNet's first layer is a 7×7 convolution with stride 2 and padding 3. On a batch of two 224×224 RGB
+# images, what is its output size, what shape do `im2col`'s columns have, and how many times more values do the
+# columns hold than the input?
+#
+# ### BEGIN SOLUTION
+# **Answer.** $\lfloor (224 + 6 - 6 - 1)/2 \rfloor + 1 = 112$, so the output is 112×112. The columns have shape
+# $(N, C k^2, H_\text{out} W_\text{out}) = (2, 147, 12544)$: 147 · 12544 values per image against 3 · 224 · 224
+# in the input, **12.25×** as many, which is $k^2/s^2 = 49/4$: every pixel is copied into about $k^2/s^2$ windows.
+# That memory is the price of turning the convolution into one matrix product.
+# ### END SOLUTION
+#
+# **Q2.** Why must `col2im` *add* the column entries onto the pixels (`+=`) instead of assigning them? For a 3×3
+# kernel with stride 1 and padding 1 on a 3×3 map, how many windows read the centre pixel, and how many a corner?
+#
+# ### BEGIN SOLUTION
+# **Answer.** `col2im` is the adjoint of `im2col`: a pixel copied into several columns influences the loss through
+# each copy, so its gradient is the *sum* of the gradients of its copies. Assigning keeps only the last window's
+# contribution. The centre of the 3×3 map is read by all **9** windows, a corner by **4** (an edge pixel by 6):
+# `col2im(im2col(ones))` is `[[4, 6, 4], [6, 9, 6], [4, 6, 4]]`. An overwriting `col2im` gives 1 everywhere, up to
+# a factor of the kernel area too small where windows overlap.
+# ### END SOLUTION
+#
+# **Q3.** Which padding keeps the map size for a 3×3 convolution with dilation 6 at stride 1, what field does it
+# cover, and how many weights does it have compared with a dense kernel of the same extent?
+#
+# ### BEGIN SOLUTION
+# **Answer.** The effective kernel is $d(k-1)+1 = 13$ pixels wide, so "same" padding is $d(k-1)/2 = 6$ (padding =
+# dilation, as in DenseNet's atrous blocks and ASPP). It covers 13×13 pixels with **9** weights, against **169** for a
+# dense 13×13 kernel: the same field of view at the cost, and the parameters, of a 3×3 convolution.
+# ### END SOLUTION

@@ -148,3 +148,37 @@ block = DenseBlock(num_layers=2, num_input_features=4, bn_size=2, growth_rate=3,
                    dtype=np.float64)
 result = check_module(block, rng.standard_normal((2, 4, 7, 7)), rng=rng)
 print(f"{len(result.rows)} tensors, worst relative error {result.worst:.1e}, passed: {result.passed}")
+
+# %% [markdown]
+# ## Questions
+#
+# **Q1.** Going from output stride 32 to 16, which layers of DenseNet121 change, and why does the final receptive
+# field shrink by exactly 16 pixels (2071 → 2055), and by 8 more at output stride 8 (2047)?
+#
+# ### BEGIN SOLUTION
+# **Answer.** At OS 16 `transition3` keeps its 1×1 convolution but drops its 2×2 average pooling, and the 3×3
+# convolutions of `denseblock4` get dilation 2. After the dropped pooling the jump stays 16 instead of 32, and a 3×3
+# convolution with dilation 2 ($k_\text{eff} = 5$) at jump 16 adds $(5-1) \cdot 16 = 64$ pixels to the field,
+# exactly what an undilated one adds at jump 32, $(3-1) \cdot 32 = 64$: every later layer adds the same amount. Only
+# the pooling's own contribution disappears, $(k-1)\,j_\text{in} = 1 \cdot 16 = 16$ pixels. At OS 8 `transition2` loses its pooling too (jump 8
+# there), which removes $1 \cdot 8 = 8$ more: 2055 − 8 = 2047.
+# ### END SOLUTION
+#
+# **Q2.** For a 512×512 input, on how many positions does the ASPP head run at output stride 8 compared with 16, and
+# how many more parameters does the OS 8 model have?
+#
+# ### BEGIN SOLUTION
+# **Answer.** The backbone's map is 64×64 at OS 8 and 32×32 at OS 16: **4×** the positions, so every convolution
+# of the head (and of the blocks after the dropped poolings) does 4× the multiply-adds. The parameter count is the
+# same, **14,887,041** for both: dilation spreads the same 3×3 weights further apart, it adds none.
+# ### END SOLUTION
+#
+# **Q3.** Why can the empirical receptive field (the pixels whose gradient is non-zero) only be smaller than the
+# analytic region, never larger?
+#
+# ### BEGIN SOLUTION
+# **Answer.** The analytic region is every pixel connected to the unit by *some* path through the layers, with the
+# borders and the holes of dilated kernels taken into account; no gradient can reach a pixel outside it. Inside it,
+# the gradient along a path can be exactly zero: a ReLU that is off, a max pool that selected another pixel, or
+# contributions of several paths that cancel. So the set of pixels with a non-zero gradient is a subset of the region.
+# ### END SOLUTION

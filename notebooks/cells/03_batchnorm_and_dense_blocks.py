@@ -160,6 +160,23 @@ print(inspect.getsource(textbook.BatchNorm2d.forward))
 print(inspect.getsource(textbook.BatchNorm2d.backward))
 
 # %% [markdown]
+# **Exercise.** Batch norm in training mode makes every channel's output independent of a constant added to that
+# channel's inputs (the mean absorbs it). So $dL/dx$ must sum to zero over each channel, whatever `dout` is. Run the
+# textbook layer forward and backward once (random `dout`) and compute `per_channel`, the sum of `dx` over the batch
+# and the pixels, one number per channel.
+
+# %%
+bn_check = textbook.BatchNorm2d(3, dtype=np.float64)
+xb = rng.standard_normal((4, 3, 5, 5)) * 2 + 1
+bn_check(xb)
+### BEGIN SOLUTION
+### HINT: dxb = bn_check.backward(a random dout of xb's shape); sum it over the axes (0, 2, 3)
+dxb = bn_check.backward(rng.standard_normal(xb.shape))
+per_channel = dxb.sum(axis=(0, 2, 3))
+### END SOLUTION
+print("sum of dx over each channel:", per_channel, " (max |dx| =", f"{np.abs(dxb).max():.2f})")
+
+# %% [markdown]
 # The fast `minideeplab.nn.BatchNorm2d` computes the same thing in closed form,
 # $\frac{\gamma}{\sigma}\big(dout - \overline{dout} - \hat x\,\overline{dout\cdot\hat x}\big)$, in one pass and
 # without ever building $\hat x$ (its docstring says what else it does). The same numbers, including the running
@@ -239,3 +256,39 @@ run_pair(plain_block, fast_block, x, rng.standard_normal((2, plain_block.out_cha
 small = DenseBlock(num_layers=3, num_input_features=4, bn_size=2, growth_rate=3, rng=rng, dtype=np.float64)
 result = check_module(small, rng.standard_normal((2, 4, 5, 5)), rng=rng)
 print(result)
+
+# %% [markdown]
+# ## Questions
+#
+# **Q1.** Dense block 1 of DenseNet121 has 6 layers, 64 input channels, growth rate 32 and `bn_size` 4. How many
+# channels does layer 6 read, how wide is its bottleneck, how many channels leave the block, and how many enter
+# dense block 2?
+#
+# ### BEGIN SOLUTION
+# **Answer.** Layer $l$ reads $64 + (l-1) \cdot 32$ channels: layer 6 reads **224**. Its bottleneck (the 1×1
+# convolution) has `bn_size · growth` = **128** channels, and it adds 32. The block returns $64 + 6 \cdot 32$ =
+# **256** channels; `transition1` halves them, so **128** enter dense block 2.
+# ### END SOLUTION
+#
+# **Q2.** Why does $dL/dx$ of batch norm in training mode sum to zero over each channel (the exercise above), and
+# why does that no longer hold in eval mode?
+#
+# ### BEGIN SOLUTION
+# **Answer.** In training, adding a constant $c$ to every input of a channel adds $c$ to its batch mean and leaves
+# $x - \mu$, the variance and so the output unchanged: the derivative of $L$ along the all-ones direction of that
+# channel is zero, and that derivative is exactly $\sum dx$ over the channel. The term that enforces it is the one
+# through the mean, $\frac{1}{m}\frac{\partial L}{\partial \mu}$; drop it and the sums are not zero. In eval mode the
+# mean is the running estimate, a constant: shifting the inputs shifts the output, and $dx = dout \cdot \gamma /
+# \sqrt{\sigma^2_\text{running} + \epsilon}$ has no reason to sum to zero.
+# ### END SOLUTION
+#
+# **Q3.** In `textbook.DenseBlock.backward`, why is it `grad[:, :c] += layer.backward(...)` and not `=`? Which
+# gradients would `=` lose?
+#
+# ### BEGIN SOLUTION
+# **Answer.** The block input and every layer's output are *read* by all later layers and are also part of the block
+# output: a fork. Their gradient is the sum of the gradient arriving at their slice of the output (the identity path
+# of the concatenation) and of what every later layer sends back. `=` would replace that sum by the input gradient of
+# the layer being processed: the identity path and the contributions of the later layers (already added) would be
+# lost, and the block input would only receive what the first layer sends back.
+# ### END SOLUTION

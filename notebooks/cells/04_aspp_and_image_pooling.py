@@ -189,3 +189,42 @@ for name, layer in (("textbook", plain_aspp), ("fast", fast_aspp)):
 aspp_small = ASPP(8, 4, rates=(1, 2, 3), dropout=0.0, rng=rng, dtype=np.float64)
 result = check_module(aspp_small, rng.standard_normal((2, 8, 5, 5)), rng=rng)
 print(f"{len(result.rows)} tensors checked, worst relative error {result.worst:.1e}, passed: {result.passed}")
+
+# %% [markdown]
+# ## Questions
+#
+# **Q1.** DeepLabV3 trains on 513×513 crops: the ASPP sees a 33×33 map at output stride 16 and a 65×65 map at output
+# stride 8. For a 3×3 filter with rate 18, what fraction of the output positions have all 9 weights valid on each
+# map (`valid_weight_histogram`)? Why does rate 18 at OS 8 keep more valid weights than at OS 16, and why does
+# DeepLabV3 still double the rates (to 36) at OS 8?
+#
+# ### BEGIN SOLUTION
+# **Answer.** On the 33×33 map **no** position has 9 valid weights (0.826 have 4, 0.165 have 2, 0.008 only 1): a row
+# $i$ keeps both outer taps only if $i - 18 \ge 0$ and $i + 18 \le 32$, which no row satisfies. On the 65×65 map rows
+# 18 to 46 keep all three taps, so **0.199** of the positions ($(29/65)^2$) have 9 valid weights (0.494 have 6, 0.307
+# have 4). The rate is a gap in *feature-map* pixels: on a map twice as large the same gap is half as wide relative
+# to the map, so fewer taps fall off. But at OS 8 each feature pixel covers 8 input pixels instead of 16, so rate 18
+# would see only half the context in the image. Doubling to 36 restores the field in input pixels
+# ($18 \cdot 16 = 36 \cdot 8 = 288$) and, with it, the same valid-weight pattern as rate 18 at OS 16 (rate 36 on the
+# 65×65 map: again no position with 9 valid weights, 0.796 with 4).
+# ### END SOLUTION
+#
+# **Q2.** On the 16×16 feature map of a 256×256 input at output stride 16, what does the rate-18 branch compute?
+#
+# ### BEGIN SOLUTION
+# **Answer.** A 1×1 convolution: `valid_weight_histogram(16, 18)` puts **all** positions (fraction 1.0) at exactly 1
+# valid weight, the centre tap; the 8 outer taps read padding everywhere, because the rate exceeds the map. The
+# branch then adds no context beyond the 1×1 branch, which is why DeepLabV3 adds the image-pooling branch for global
+# context instead of ever larger rates.
+# ### END SOLUTION
+#
+# **Q3.** In `textbook.ASPP.backward`, why are the five branches' input gradients *added*, while the concatenation's
+# gradient is *split*?
+#
+# ### BEGIN SOLUTION
+# **Answer.** In forward, $x$ is read by five branches (a fork): $L$ depends on $x$ through each of them, so by the
+# multivariable chain rule $\partial L/\partial x$ is the sum of the five paths' gradients. The concatenation (a
+# join) places each branch's output in its own channel slice; each output affects $L$ only through its slice, so its
+# gradient is that slice of the concatenation's gradient. Keeping one branch's input gradient instead of the sum
+# loses the other four paths.
+# ### END SOLUTION

@@ -135,3 +135,34 @@ target = (rng.random((2, 1, 6, 6)) < 0.3).astype(np.float64)
 for name in ["bce", "focal", "hinge", "squared_hinge", "dice", "bce+dice"]:
     result = check_module(build_loss(name), (logits, target), wrt_inputs=(0,), rng=rng)
     print(f"{name:<14} worst relative error {result.worst:.1e}  passed: {result.passed}")
+
+# %% [markdown]
+# ## Questions
+#
+# **Q1.** For a foreground pixel ($t = 1$) and BCE on logits with `reduction="none"`, what is $dl/dx$ at $x = 0$,
+# $x = 4$ and $x = -4$? What is the largest magnitude this gradient can have, and what does that mean for a
+# confidently wrong pixel?
+#
+# ### BEGIN SOLUTION
+# **Answer.** $dl/dx = \sigma(x) - t = \sigma(x) - 1$: **−0.5** at 0, **−0.018** at 4 and **−0.982** at −4. Its
+# magnitude is below 1 for any logit: a confidently wrong pixel ($x \to -\infty$) pushes with a gradient close to
+# −1, never more, unlike the squared hinge, whose gradient grows with the violation.
+# ### END SOLUTION
+#
+# **Q2.** A batch of shape (2, 1, 40, 40): by how much does `reduction="mean"` scale each pixel's gradient compared
+# with `reduction="sum"`? Why does it matter when you change the image size?
+#
+# ### BEGIN SOLUTION
+# **Answer.** By $1/3200$: the mean divides the loss, and so every pixel's gradient, by the number of elements
+# $2 \cdot 1 \cdot 40 \cdot 40 = 3200$. With "mean" the size of the update does not depend on the image size or
+# the batch size, so a learning rate carries over; with "sum" it grows with the number of pixels.
+# ### END SOLUTION
+#
+# **Q3.** Why does the Dice gradient at one pixel depend on every other pixel, while the BCE gradient does not?
+#
+# ### BEGIN SOLUTION
+# **Answer.** BCE is a sum (or mean) of per-pixel terms, so $dl/dx_i$ depends on $x_i$ and $t_i$ only. Dice is a
+# ratio of sums over the whole mask, $1 - (2\sum p t + s)/(\sum p + \sum t + s)$: both sums contain every pixel,
+# so $dL/dx_i = -p_i(1-p_i)\,(2 t_i\,\text{den} - \text{num})/\text{den}^2$ involves num and den, i.e. all pixels.
+# Treating the denominator as a constant (a common mistake) drops the $-\text{num}$ term.
+# ### END SOLUTION

@@ -293,3 +293,35 @@ for m in tiny.modules():
         m.bias.data[...] = check_rng.normal(0.0, 0.5, m.bias.shape)
 result = check_module(tiny, check_rng.standard_normal((2, 3, 32, 32)), rng=check_rng, samples=6, rtol=1e-5)
 print(f"{len(result.rows)} tensors checked, worst relative error {result.worst:.1e}, passed: {result.passed}")
+
+# %% [markdown]
+# ## Questions
+#
+# **Q1.** Why does the ASPP image-pooling branch refuse a batch of one image in training mode, but accept it in eval
+# mode?
+#
+# ### BEGIN SOLUTION
+# **Answer.** After global average pooling each image contributes one value per channel, so the batch norm behind
+# it sees $N$ values per channel. With $N = 1$ the batch variance is 0 and the normalised value $(x - \mu)/\sqrt{0 +
+# \epsilon}$ is exactly 0 whatever the image: the branch would output a constant and pass no gradient to the 1×1
+# convolution before it. In eval mode the batch norm uses its running statistics, so one image is fine.
+# ### END SOLUTION
+#
+# **Q2.** The textbook and the fast model, started from the same weights, give the same loss step after step (up
+# to float32 rounding) although dropout is on. What besides the weights has to be identical for that?
+#
+# ### BEGIN SOLUTION
+# **Answer.** Everything random or stateful that touches the forward pass: the dropout masks (both models draw them
+# from a NumPy Generator in the same state, in the same order and on the host), the batch (the same images and
+# masks), the batch-norm running statistics (they only matter in eval mode, but both update them the same way), and
+# the optimizer state (AdamW's moments start at zero in both). Any difference would show as a diverging loss.
+# ### END SOLUTION
+#
+# **Q3.** Why are the batch-norm parameters set to random values before the whole-model gradient check?
+#
+# ### BEGIN SOLUTION
+# **Answer.** With the default initialisation ($\gamma = 1$, $\beta = 0$) a channel's scale $\gamma$ that feeds
+# another batch norm in training mode cancels out (the next normalisation divides it away), so its true gradient is
+# zero and the check would compare rounding noise with rounding noise. Random $\gamma$ and $\beta$ (and a non-zero
+# $\beta$ before each ReLU) give every parameter a gradient the check can measure.
+# ### END SOLUTION
