@@ -99,6 +99,7 @@ def execute(notebook: Path, target: Path, root: Path, short: bool, timeout: int 
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             nbformat.write(nb, f)
+        os.chmod(tmp, 0o644)   # mkstemp's 0600 would follow the copy into the site
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
