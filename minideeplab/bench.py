@@ -141,6 +141,7 @@ def run_phase(spec: dict) -> dict:
     from .backend import synchronize, to_device
     from .losses import BCEWithLogitsLoss
     from .models import DeepLabConfig, build_deeplab
+    from .nn import no_grad
     from .optim import SGD
 
     cuda = spec["device"] == "cuda"
@@ -174,7 +175,8 @@ def run_phase(spec: dict) -> dict:
             opt.step()
 
     def eval_step():
-        model(x)
+        with no_grad():       # as PyTorch's phase: nothing kept for a backward (nn.no_grad)
+            model(x)
     step = _select_step(spec["mode"], model, eval_step, train_step)
     if spec.get("cuda_graph") and spec["mode"] != "profile":
         step = _graphed(step, model)

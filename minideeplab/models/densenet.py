@@ -102,6 +102,8 @@ class _FusedHead(_Named):
     def _clear_cache(self):
         self.fused_head.clear_cache()
         self.head_was_fused = None
+        for m in self.children():   # the fused head ran the batch norms without their __call__ (no_grad clears here)
+            m._clear_cache()
 
 
 def set_fused(model, fused: bool = True):
