@@ -5,6 +5,7 @@ import numpy as np
 
 from ..nn import Conv2d, Module, Upsample, sigmoid
 from ..nn.functional import check_input
+from ..nn.threads import inference_threads, split_forward
 from .aspp import ASPP
 from .config import DeepLabConfig, default_rates
 from .densenet import DenseNet, _Named, check_output_stride
@@ -51,6 +52,9 @@ class DeepLabV3(Module):
 
     def forward(self, x):
         check_input("DeepLabV3", x, 3)
+        parts = inference_threads(self, x)
+        if parts > 1:     # inference (no_grad, eval) on the CPU: the batch split over the BLAS's threads (nn.threads)
+            return split_forward(self, x, parts)
         logits = self.head(self.backbone(x))
         self.upsample.size = tuple(x.shape[2:])   # back to the input size, whatever the rounding was
         return self.upsample(logits)

@@ -51,9 +51,9 @@ class _FusedHead(_Named):
     def forward(self, x, stats=None):
         """``stats``: the batch statistics of ``x`` when the caller has them already (see ``SharedBatchStatistics``)."""
         norm, relu, conv = list(self.children())[:3]
-        self.head_was_fused = bool(self.fused)
-        x = self.fused_head.forward(x, stats) if self.head_was_fused else conv(relu(norm(x, stats)))
-        for m in self._after_head():
+        fused = self.head_was_fused = bool(self.fused)    # locals: no_grad threads may run this at once (nn.threads)
+        x = self.fused_head.forward(x, stats) if fused else conv(relu(norm(x, stats)))
+        for m in self._after_head(fused and self.fused_head.folds()):
             x = m(x)
         return x
 
@@ -90,14 +90,14 @@ class _FusedHead(_Named):
     def _backward_after_head(self, dout):
         """dL/d(head's output): back through the children after the head, last child first (chain rule)."""
         self._need(self.head_was_fused)
-        for m in reversed(self._after_head()):
+        for m in reversed(self._after_head(self.head_was_fused and self.fused_head.folded)):
             dout = m.backward(dout)
         return dout
 
-    def _after_head(self):
-        """The children after norm → relu → conv, less norm2 when the last forward folded it into the head."""
+    def _after_head(self, folded: bool):
+        """The children after norm → relu → conv, less norm2 when the head folded it in (``folded``)."""
         rest = list(self.children())[3:]
-        return rest[1:] if self.head_was_fused and self.fused_head.folded else rest
+        return rest[1:] if folded else rest
 
     def _clear_cache(self):
         self.fused_head.clear_cache()
