@@ -42,7 +42,6 @@ def _cases(rng, dtype):
     return {
         "minideeplab.nn.norm._train_statistics": ((vec(), vec(0.1, 2), vec(), vec(0.5, 1.5), vec(), 0.9,
                                                    0.1, 0.1 * n / (n - 1), 1e-5), (2, 3)),
-        "minideeplab.nn.norm._scale_of": ((vec(0.1, 2), vec(), 1e-5), ()),
         "minideeplab.nn.norm._eval_affine": ((vec(), vec(0.5, 1.5), vec(), vec(), 1e-5), ()),
         "minideeplab.nn.norm._affine": ((tensor(), col(), col()), ()),
         "minideeplab.nn.norm._batch_norm_dx": ((tensor(), tensor(), col(), col(), col()), ()),
