@@ -5,7 +5,6 @@ import numpy as np
 
 from ..nn import AdaptiveAvgPool2d, BatchNorm2d, Concat, Conv2d, Dropout, Module, ModuleList, ReLU, Upsample
 from ..nn.functional import check_input
-from ..nn.threads import batch_size
 from .densenet import _Named
 
 
@@ -42,7 +41,7 @@ class ASPPPooling(Module):
 
     def forward(self, x):
         check_input("ASPP image pooling (aspp.pooling)", x, self.conv.in_channels)
-        if self.training and batch_size(x.shape[0]) < 2:     # (the whole batch's, in a split: nn.threads)
+        if self.training and x.shape[0] < 2:
             raise ValueError(
                 f"ASPP image-pooling branch (head.aspp.pooling.bn): batch norm in training mode needs at least 2 "
                 f"images per batch, because global pooling leaves one value per channel and image; got input "

@@ -5,7 +5,7 @@ import numpy as np
 
 from ..nn import Conv2d, Module, Upsample, sigmoid
 from ..nn.functional import check_input
-from ..nn.threads import in_split, split_backward, split_forward, split_parts
+from ..nn.threads import inference_threads, split_forward
 from .aspp import ASPP
 from .config import DeepLabConfig, default_rates
 from .densenet import DenseNet, _Named, check_output_stride
@@ -49,14 +49,12 @@ class DeepLabV3(Module):
                            classifier=Conv2d(aspp_channels, num_classes, 1, bias=True, rng=rng, dtype=dtype))
         self.upsample = Upsample(size=(1, 1), mode="bilinear", align_corners=False)
         self.config = None   # set by build_deeplab
-        self.split_run = None   # the replicas of a forward split over threads, for its backward (nn.threads)
 
     def forward(self, x):
         check_input("DeepLabV3", x, 3)
-        parts = split_parts(self, x)
-        if parts > 1:     # on the CPU: the batch split over the BLAS's threads, every pass on every core (nn.threads)
+        parts = inference_threads(self, x)
+        if parts > 1:     # inference (no_grad, eval) on the CPU: the batch split over the BLAS's threads (nn.threads)
             return split_forward(self, x, parts)
-        self.split_run = None
         logits = self.head(self.backbone(x))
         self.upsample.size = tuple(x.shape[2:])   # back to the input size, whatever the rounding was
         return self.upsample(logits)
@@ -66,8 +64,6 @@ class DeepLabV3(Module):
 
         ``input_grad=False`` (a training step, where nothing reads the image's gradient) skips the stem conv's
         input gradient, its largest col2im, and returns None."""
-        if self.split_run is not None and not in_split():    # each part back through the replica of its forward
-            return split_backward(self, dlogits, lambda m, d: m.backward(d, input_grad))
         self.backbone.features.conv0.input_grad = input_grad
         return self.backbone.backward(self.head.backward(self.upsample.backward(dlogits)))
 
@@ -78,9 +74,6 @@ class DeepLabV3(Module):
     def predict(self, x, threshold: float = 0.5):
         """Boolean mask ``predict_proba(x) > threshold``, in the current mode (call ``eval()`` first)."""
         return self.predict_proba(x) > threshold
-
-    def _clear_cache(self):
-        self.split_run = None
 
     def extra_repr(self):
         return f"num_classes={self.num_classes}, output_stride={self.output_stride}, rates={self.rates}"

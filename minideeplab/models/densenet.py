@@ -99,9 +99,6 @@ class _FusedHead(_Named):
         rest = list(self.children())[3:]
         return rest[1:] if folded else rest
 
-    def _rebind(self):
-        self._fuse_head()           # a replica's fused head computes with the replica's layers (nn.threads)
-
     def _clear_cache(self):
         self.fused_head.clear_cache()
         self.head_was_fused = None

@@ -5,7 +5,6 @@ import numpy as np
 
 from ..backend import get_array_module
 from .module import Module
-from .threads import batch_size, broadcast, in_split, part_rows
 
 
 def _check_float(layer, x):
@@ -109,10 +108,7 @@ class Dropout(Module):
         if not self.training or self.p == 0:
             self.scale_mask = 1.0
             return x
-        if in_split():   # a part of a batch split over threads (nn.threads): its rows of one whole-batch mask
-            shape = (batch_size(x.shape[0]), *x.shape[1:])
-            self.scale_mask = broadcast(lambda: self._draw(shape, x.dtype))[part_rows()]
-        elif self.ahead_ready:
+        if self.ahead_ready:
             if self.ahead.shape != x.shape or get_array_module(self.ahead) is not get_array_module(x):
                 raise ValueError(f"Dropout: the mask drawn ahead has shape {tuple(self.ahead.shape)} on "
                                  f"{type(self.ahead).__module__}, the input {tuple(x.shape)} on {type(x).__module__}")

@@ -258,11 +258,9 @@ class Conv2d(Module):
             G = matmul(D, x.reshape(N, C, H * W).transpose(0, 2, 1)).sum(axis=0).reshape(len(taps), F, C)
             if len(taps) == kh * kw:             # every tap, in (i, j) order: one strided add for all of them
                 self.weight.accumulate(G.reshape(kh, kw, F, C).transpose(2, 3, 0, 1))
-            else:                                # the used taps' gradients, zeros elsewhere, added at once
-                dw = xp.zeros((kh, kw, F, C), dtype=G.dtype)
-                rows, cols = self.index_arrays[(xp.__name__, "taps", tuple((t[0], t[1]) for t in taps))]
-                dw[rows, cols] = G
-                self.weight.accumulate(dw.transpose(2, 3, 0, 1))
+            else:
+                for t, (i, j, _, _) in enumerate(taps):
+                    self.weight.grad[:, :, i, j] += G[t]
             if not self.input_grad:
                 return None
             return matmul(w_taps.T, D).reshape(N, C, H, W)
@@ -287,9 +285,6 @@ class Conv2d(Module):
 
     def _clear_cache(self):
         self.x_shape = self.path = self.saved = self.w_taps = None
-
-    def _rebind(self):
-        self.__dict__.update(saved=None, path=None)   # a replica must not write into the original's im2col workspace
 
     def extra_repr(self):
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

@@ -16,19 +16,16 @@ import numpy as np
 from ..backend import DEVICES, check_device, device_of, get_array_module, to_device
 
 
-class _ThreadState(threading.local):
-    grad_enabled = True     # False inside no_grad(); per thread, like PyTorch's grad mode
-    split = None            # the nn.threads split whose part this thread computes, and which part
-    rank = 0
+class _GradMode(threading.local):
+    enabled = True          # per thread, like PyTorch's grad mode
 
 
-_state = _ThreadState()
-_grad_locks = [threading.Lock() for _ in range(64)]    # parameters' gradient adds from the parts of a split
+_grad_mode = _GradMode()
 
 
 def is_grad_enabled() -> bool:
     """False inside ``no_grad()`` (in this thread)."""
-    return _state.grad_enabled
+    return _grad_mode.enabled
 
 
 @contextmanager
@@ -42,12 +39,12 @@ def no_grad():
     output stride 32, 16 and 8, against 428, 456 and 700 for plain eval forwards before this (their caches hold
     every activation until the next forward). The mode is per thread, as PyTorch's.
     """
-    before = _state.grad_enabled
-    _state.grad_enabled = False
+    before = _grad_mode.enabled
+    _grad_mode.enabled = False
     try:
         yield
     finally:
-        _state.grad_enabled = before
+        _grad_mode.enabled = before
 
 
 class Parameter:
@@ -81,15 +78,7 @@ class Parameter:
         self._grad, self._grad_is_zero = value, False
 
     def accumulate(self, g) -> None:
-        """grad += g (what every backward does with its parameter gradients). The parts of a batch split over threads
-        (``nn.threads``) each add their own partial gradient: one at a time."""
-        if _state.split is not None:
-            with _grad_locks[id(self) % len(_grad_locks)]:
-                self._add(g)
-        else:
-            self._add(g)
-
-    def _add(self, g) -> None:
+        """grad += g (what every backward does with its parameter gradients)."""
         if self._grad_is_zero:
             self._grad[...] = g
             self._grad_is_zero = False
@@ -101,8 +90,8 @@ class Parameter:
         (viewed as ``shape``) while it is pending zero, counted as written from then on; None when there is a
         gradient to add to (then the caller makes its own and calls ``accumulate``). Saves a temporary and its copy
         per parameter and step (on a GPU: one kernel launch each)."""
-        if not self._grad_is_zero or not self._grad.flags.c_contiguous or _state.split is not None:
-            return None      # (a reshape must be a view of grad; in a split other parts add to it meanwhile)
+        if not self._grad_is_zero or not self._grad.flags.c_contiguous:    # (a reshape must be a view of grad)
+            return None
         self._grad_is_zero = False
         return self._grad if shape is None else self._grad.reshape(shape)
 
@@ -288,14 +277,10 @@ class Module:
     def _clear_cache(self) -> None:
         """Forget activations cached by forward (after a device/dtype change). Layers override."""
 
-    def _rebind(self) -> None:
-        """Called on a copy made by ``nn.threads.replicate`` (its attributes those of the original, its children
-        copies): rebuild what refers to the children, drop caches that a forward reads. Layers override."""
-
     # -- compute ------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
         out = self.forward(*args, **kwargs)
-        if not _state.grad_enabled:       # no_grad(): nothing is kept for a backward
+        if not _grad_mode.enabled:        # no_grad(): nothing is kept for a backward
             self._clear_cache()
         return out
 

@@ -6,7 +6,6 @@ import numpy as np
 from ..backend import fuse, get_array_module
 from .functional import channel_mean, channel_sum, check_dtype, check_input
 from .module import Module, Parameter
-from .threads import batch_size, batch_sum, in_split, is_first_part
 
 
 def batch_statistics(x, out=None):
@@ -20,11 +19,6 @@ def batch_statistics(x, out=None):
     Shapes: x: (N, C, H, W) -> centered: (N, C, H, W), mean: (C,), var: (C,).
     """
     centered, mean, var = out if out is not None else (None, None, None)
-    if in_split():    # a part of a batch split over threads (nn.threads): the sums of every part's images
-        xp, n = get_array_module(x), batch_size(x.shape[0]) * x.shape[2] * x.shape[3]
-        mean = xp.divide(*batch_sum(channel_sum(x)), n, out=mean)
-        centered = xp.subtract(x, mean[:, None, None], out=centered)
-        return centered, mean, xp.divide(*batch_sum(channel_sum(centered, centered)), n, out=var)
     mean = channel_mean(x, out=mean)
     centered = get_array_module(x).subtract(x, mean[:, None, None], out=centered)
     return centered, mean, channel_mean(centered, centered, out=var)
@@ -80,7 +74,7 @@ class BatchNorm2d(Module):
         check_input("BatchNorm2d", x, self.num_features)
         check_dtype("BatchNorm2d", x, self.running_mean)
         xp = get_array_module(x)
-        n = batch_size(x.shape[0]) * x.shape[2] * x.shape[3]     # (the whole batch's, in a split: nn.threads)
+        n = x.shape[0] * x.shape[2] * x.shape[3]
         if not self.training:
             # eval: a per-channel affine map of x; the centred input is only needed (and rebuilt) in backward
             self.x, self.centered, self.batch_stats = x, None, False
@@ -97,13 +91,10 @@ class BatchNorm2d(Module):
                              f"got centered {tuple(stats[0].shape)} and mean {tuple(stats[1].shape)}")
         centered, mean, var = batch_statistics(x) if stats is None else stats
         m = self.momentum                       # the variance's running average is of the unbiased one
-        weight = self.weight.data if self.affine else None
-        if is_first_part():                     # (in a split, one part updates the running statistics)
-            self.inv_std, self.scale = _train_statistics(mean, var, self.running_mean, self.running_var, weight,
-                                                         1 - m, m, m * n / (n - 1), self.eps)
-            self.num_batches_tracked += 1
-        else:
-            self.inv_std, self.scale = _scale_of(var, weight, self.eps)
+        self.inv_std, self.scale = _train_statistics(mean, var, self.running_mean, self.running_var,
+                                                     self.weight.data if self.affine else None, 1 - m, m,
+                                                     m * n / (n - 1), self.eps)
+        self.num_batches_tracked += 1
         self.x, self.centered, self.batch_stats = None, centered, True
         return centered, self.scale, self.bias.data if self.affine else xp.zeros_like(self.running_mean)
 
@@ -154,9 +145,6 @@ class BatchNorm2d(Module):
             self.weight.accumulate(sum_dxhat)
         if not self.batch_stats:
             return scale, None, None
-        if in_split():   # the means over the whole batch: each part's sums (its gradients above are its own part)
-            sum_d, sum_dxhat = batch_sum(sum_d, sum_dxhat)
-            n = batch_size(dout.shape[0]) * dout.shape[2] * dout.shape[3]
         return (scale, *_backward_means(sum_d, sum_dxhat, inv_std, float(n)))
 
     def _clear_cache(self):
@@ -180,13 +168,6 @@ def _train_statistics(mean, var, running_mean, running_var, weight, keep, moment
     running_mean += momentum * mean
     running_var *= keep
     running_var += var_momentum * var
-    inv_std = 1.0 / get_array_module(var).sqrt(var + eps)
-    return inv_std, inv_std if weight is None else inv_std * weight
-
-
-@fuse
-def _scale_of(var, weight, eps):
-    """``(inv_std, scale)`` as ``_train_statistics`` computes them, without updating running averages."""
     inv_std = 1.0 / get_array_module(var).sqrt(var + eps)
     return inv_std, inv_std if weight is None else inv_std * weight
 
