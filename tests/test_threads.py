@@ -79,3 +79,16 @@ def test_an_error_in_a_part_is_raised_and_the_blas_threads_restored(two_blas_thr
     with nn.no_grad(), pytest.raises(TypeError, match="Conv2d"):
         model(x)
     assert threads.blas_threads() == 2
+
+
+def test_no_split_with_fewer_images_than_blas_threads_or_when_switched_off(two_blas_threads, monkeypatch):
+    model = small().eval()
+    x = np.random.default_rng(10).standard_normal((2, 3, 32, 32))
+    with nn.no_grad():
+        assert threads.inference_threads(model, x) == 2
+        with threadpoolctl.threadpool_limits(3, user_api="blas"):
+            if threads.blas_threads() == 3:
+                assert threads.inference_threads(model, x) == 1          # the BLAS keeps its three threads
+                assert threads.inference_threads(model, np.concatenate([x, x])) == 3
+        monkeypatch.setattr(threads, "enabled", False)
+        assert threads.inference_threads(model, x) == 1

@@ -21,6 +21,7 @@ batch (0.40 against 0.34 s at OS 16): two cores' caches and the GIL's hand-offs.
 """
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -28,8 +29,9 @@ import numpy as np
 
 from .module import is_grad_enabled, no_grad
 
-_pool = None            # the worker threads, made on first use
-_pool_size = 0
+enabled = True          # the switch (``minideeplab bench --no-split`` turns it off, to compare)
+_pool = None            # the worker threads, made on first use (in this process)
+_pool_size = _pool_pid = 0
 _blas = None            # threadpoolctl's controller of the BLAS libraries NumPy loaded (False: not available)
 _lock = threading.Lock()
 _inside = threading.local()   # set while this thread runs one part of a split forward: no split inside it
@@ -55,19 +57,31 @@ def blas_threads() -> int:
     return max(lib.num_threads for lib in blas.lib_controllers) if blas else 1
 
 
+def _any_training(model) -> bool:
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if m.training:
+            return True
+        stack.extend(m._modules.values())
+    return False
+
+
 def inference_threads(model, x) -> int:
     """Into how many parts ``split_forward`` would split ``x`` (1: run it as it is).
 
-    More than 1 only for a NumPy array of at least 2 images, under ``no_grad``, with every module of ``model`` in
-    eval mode (a training batch norm needs the whole batch; a dropout in training would draw its masks from two
-    threads), not inside a part of a split already, and with a BLAS that may use several threads: as many parts
-    as it may use threads, at most one per image.
+    More than 1 only for a plain NumPy array, under ``no_grad``, with every module of ``model`` in eval mode (a
+    training batch norm needs the whole batch; a dropout in training would draw its masks from two threads), not
+    inside a part of a split already, with a BLAS that may use T >= 2 threads and at least T images: then T parts.
+    (With fewer images than threads the BLAS keeps its threads: parts holding several BLAS threads each would
+    queue for OpenBLAS's one thread pool.)
     """
-    if type(x) is not np.ndarray or x.ndim == 0 or x.shape[0] < 2 or is_grad_enabled():
+    if not enabled or type(x) is not np.ndarray or x.ndim == 0 or x.shape[0] < 2 or is_grad_enabled():
         return 1
-    if getattr(_inside, "active", False) or any(m.training for m in model.modules()):
+    threads = blas_threads()
+    if threads < 2 or x.shape[0] < threads or getattr(_inside, "active", False) or _any_training(model):
         return 1
-    return min(blas_threads(), x.shape[0])
+    return threads
 
 
 def split_forward(model, x, parts: int):
@@ -76,11 +90,12 @@ def split_forward(model, x, parts: int):
 
     Shapes: x: (N, ...) -> model(x): (N, ...).
     """
-    global _pool, _pool_size
+    global _pool, _pool_size, _pool_pid
     chunks = np.array_split(x, parts)
     with _lock:
-        if _pool_size < parts - 1:
+        if _pool_size < parts - 1 or _pool_pid != os.getpid():     # (a forked child has none of the threads)
             _pool, _pool_size = ThreadPoolExecutor(parts - 1, thread_name_prefix="minideeplab-inference"), parts - 1
+            _pool_pid = os.getpid()
         pool = _pool
     with _blas_controller().limit(limits=1):
         futures = [pool.submit(_run_part, model, chunk) for chunk in chunks[1:]]
