@@ -93,3 +93,12 @@ def test_a_fresh_parameter_gradient_reads_as_zeros_and_accumulates():
     q.accumulate(np.full(4, 2.0))      # the first gradient is copied in
     q.accumulate(np.full(4, 1.0))
     np.testing.assert_array_equal(q.grad, np.full(4, 3.0))
+
+
+def test_predict_runs_under_no_grad():
+    model = small().eval()
+    x = np.random.default_rng(3).standard_normal((2, 3, 64, 64))
+    proba = model.predict_proba(x)
+    assert cached_arrays(model) == []
+    np.testing.assert_allclose(proba, nn.sigmoid(model(x)), rtol=0, atol=1e-15)
+    assert nn.is_grad_enabled()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..nn import Conv2d, Module, Upsample, sigmoid
+from ..nn import Conv2d, Module, Upsample, no_grad, sigmoid
 from ..nn.functional import check_input
 from ..nn.threads import inference_threads, split_forward
 from .aspp import ASPP
@@ -69,7 +69,8 @@ class DeepLabV3(Module):
 
     def predict_proba(self, x):
         """Sigmoid of the logits (N, num_classes, H, W), in the current mode (call ``eval()`` first)."""
-        return sigmoid(self(x))
+        with no_grad():     # inference: nothing kept for a backward (and, on the CPU, the batch split over threads)
+            return sigmoid(self(x))
 
     def predict(self, x, threshold: float = 0.5):
         """Boolean mask ``predict_proba(x) > threshold``, in the current mode (call ``eval()`` first)."""
