@@ -14,10 +14,12 @@ The numbers are those of the plain forward up to float rounding (a GEMM on one B
 order than on two).
 
 Measured on DeepLabV3-DenseNet121 (``DeepLabV3.forward`` splits), eval under no_grad, 2x3x256x256, 2 threads, on
-the shared 2-core machine (one process, the two variants and PyTorch rotating, 7-9 rounds, fastest / median):
-OS 32 0.181 / 0.223 s split against 0.194 / 0.238 not split; OS 16 0.240 / 0.286 against 0.284 / 0.320; OS 8
-0.450 / 0.469 against 0.504 / 0.592. In CPU time the split costs about 15 % more than one thread running the whole
-batch (0.40 against 0.34 s at OS 16): two cores' caches and the GIL's hand-offs.
+the 2-core machine (one process, split / not split / PyTorch rotating, fastest / median): quiet, OS 16, 8 rounds:
+0.181 / 0.190 s split against 0.209 / 0.215 not split (PyTorch 0.232 / 0.241); loaded (nice -20), 7-9 rounds: OS
+32 0.181 against 0.194, OS 16 0.240 against 0.284, OS 8 0.450 against 0.504. In CPU time the split costs 15-18 %
+more than one thread running the whole batch (0.40 against 0.34 s at OS 16): the two cores share the memory
+bandwidth and the L3, and each part prepares the folded and tap-major weights itself (benchmarks/README.md,
+thirteenth round, also for the training step's split, tried and dropped: each part streams every weight itself).
 """
 from __future__ import annotations
 
