@@ -1,7 +1,7 @@
 """Paired A/B of our step: the working tree's package against a committed version, side by side in ONE process.
 
     .venv/bin/python benchmarks/ab_compare.py --base 4ce1f3f [--mode train|eval] [--pairs 20] [--os 16] [--threads 2]
-                                              [--clock wall|cpu]
+                                              [--clock wall|cpu] [--no-grad]
 
 On a shared machine whose speed drifts by tens of percent within minutes, two runs one after the other say little
 about a few percent. Here both versions are imported at once (the base one extracted with ``git archive`` into a
@@ -45,7 +45,7 @@ def import_base(rev: str, folder: Path):
     return importlib.import_module(BASE_NAME)
 
 
-def make_step(pkg, mode: str, output_stride: int, batch: int, size: int, small: bool):
+def make_step(pkg, mode: str, output_stride: int, batch: int, size: int, small: bool, no_grad: bool = False):
     """One step of ``pkg``'s DeepLabV3-DenseNet121 (``small``: the tiny config), built from seed 0."""
     models = importlib.import_module(pkg.__name__ + ".models")
     losses = importlib.import_module(pkg.__name__ + ".losses")
@@ -58,7 +58,14 @@ def make_step(pkg, mode: str, output_stride: int, batch: int, size: int, small: 
     loss_fn, opt = losses.BCEWithLogitsLoss(), optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if mode == "eval":
         model.eval()
-        return lambda: model(x)
+        inference = getattr(importlib.import_module(pkg.__name__ + ".nn"), "no_grad", None) if no_grad else None
+        if inference is None:            # (a version without nn.no_grad runs its plain eval forward)
+            return lambda: model(x)
+
+        def eval_step():
+            with inference():
+                model(x)
+        return eval_step
 
     def train_step():
         opt.zero_grad()
@@ -97,6 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: this thread's CPU time (time.thread_time), which other processes on a busy machine "
                          "barely change; honest with --threads 1 only (BLAS then computes in this thread)")
+    ap.add_argument("--no-grad", action="store_true",
+                    help="eval: run each version's forward under its nn.no_grad, where it has one (as the benchmark)")
     args = ap.parse_args(argv)
     if args.pairs < 2:
         ap.error(f"--pairs must be at least 2, got {args.pairs}")
@@ -110,7 +119,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             base = import_base(args.base, Path(tmp))
-            steps = [make_step(pkg, args.mode, args.output_stride, args.batch, args.size, args.small)
+            steps = [make_step(pkg, args.mode, args.output_stride, args.batch, args.size, args.small, args.no_grad)
                      for pkg in (new, base)]
             with threadpool_limits(args.threads):
                 ratios = paired_ratios(*steps, args.pairs, clock)

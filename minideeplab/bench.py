@@ -144,6 +144,7 @@ def run_phase(spec: dict) -> dict:
     from .backend import synchronize, to_device
     from .losses import BCEWithLogitsLoss
     from .models import DeepLabConfig, build_deeplab
+    from .nn import no_grad
     from .optim import SGD
 
     cuda = spec["device"] == "cuda"
@@ -158,6 +159,9 @@ def run_phase(spec: dict) -> dict:
     if spec["framework"] == "torch":
         return _run_torch_phase(spec, model, x, target)
     force_conv_algorithm(model, spec.get("conv_algorithm", "auto"))
+    if spec.get("no_split"):                 # our eval batch not split over threads (nn.threads): to compare
+        from .nn import threads
+        threads.enabled = False
     if cuda:
         model.to("cuda")
         x, target = to_device(x, "cuda"), to_device(target, "cuda")
@@ -179,7 +183,8 @@ def run_phase(spec: dict) -> dict:
             opt.step()
 
     def eval_step():
-        model(x)
+        with no_grad():       # as PyTorch's phase: nothing kept for a backward (nn.no_grad)
+            model(x)
     step = _select_step(spec["mode"], model, eval_step, train_step)
     if spec.get("cuda_graph") and spec["mode"] != "profile":
         step = _graphed(step, model)
@@ -386,6 +391,7 @@ def markdown(report: dict) -> str:
     forced = a.get("conv_algorithm", "auto")
     runs += "" if forced == "auto" else f"; our k x k convs forced to {forced!r}"
     runs += "; our steps replay a CUDA graph (PyTorch's run eagerly)" if a.get("cuda_graph") else ""
+    runs += "; our eval batch not split over threads (--no-split)" if a.get("no_split") else ""
     lines = [(f"### DeepLabV3-DenseNet121, batch {a['batch']}x3x{a['size']}x{a['size']} float32, {a['device']}, "
               f"{where}, {runs}"), "",
              ("| OS | phase | ours (s) | PyTorch (s) | ratio | best-of ratio | ours CPU (s) | PyTorch CPU (s) "
@@ -455,6 +461,8 @@ def main(argv=None) -> int:
                     help="with --device cuda: our steps replay a captured CUDA graph (the profile stays eager)")
     ap.add_argument("--textbook", action="store_true",
                     help="also time the textbook model (minideeplab.textbook) in each round, reported beside ours")
+    ap.add_argument("--no-split", action="store_true",
+                    help="run our eval forward without splitting the batch over threads (nn.threads), to compare")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for the JSON and .md")
     ap.add_argument("--phase-timeout", type=float, default=600, help="seconds before a phase is abandoned")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
@@ -479,7 +487,8 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
     base = {"device": args.device, "batch": args.batch, "size": size, "repeats": repeats, "warmup": args.warmup,
-            "threads": args.threads, "conv_algorithm": args.conv_algorithm, "cuda_graph": args.cuda_graph}
+            "threads": args.threads, "conv_algorithm": args.conv_algorithm, "cuda_graph": args.cuda_graph,
+            "no_split": args.no_split}
     report = {"args": dict(base, quick=args.quick, rounds=args.rounds), "machine": machine_info(), "rows": []}
     print(f"minideeplab bench: {args.device}, batch {args.batch}x3x{size}x{size}, {args.threads} threads, "
           f"median of {repeats}" + ("" if with_torch else " (torch not installed: ours only)"), flush=True)

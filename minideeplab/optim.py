@@ -165,15 +165,16 @@ class _FlatGroup:
 
     def __init__(self, params, idx, state, state_names):
         first = params[idx[0]].data
-        xp, device = get_array_module(first), device_of(first)
+        device = device_of(first)
         self.idx, self.slices, offset = idx, [], 0
         align = max(ALIGN_BYTES // first.itemsize, 1)
         for i in idx:                         # each parameter starts on a 256-byte boundary, as if allocated alone
             self.slices.append((offset, params[i].data.shape))
             offset += -(-params[i].data.size // align) * align
-        # *_like the first parameter: same device, dtype and array type (an ndarray subclass stays one); zeros: the
-        # gaps between parameters stay 0 through every update
-        self.data, self.grad = xp.zeros_like(first, shape=offset), xp.zeros_like(first, shape=offset)
+        # like the first parameter: same device, dtype and array type (an ndarray subclass stays one); zeros: the
+        # gaps between parameters stay 0 through every update; untouched: a gradient nobody writes (inference)
+        # costs no resident memory
+        self.data, self.grad = _untouched_zeros(first, offset), _untouched_zeros(first, offset)
         self.views = [(self.view(self.data, k), self.view(self.grad, k)) for k in range(len(idx))]
         for i, (data, grad) in zip(idx, self.views):
             params[i].move_into(data, grad)

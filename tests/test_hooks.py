@@ -233,9 +233,10 @@ def test_handles_remove_and_leave_the_class_code(rng):
 
 
 def test_no_hooks_cost_nothing_in_call_and_no_module_carries_a_wrapper():
-    """``Module.__call__`` looks up ``forward`` and nothing else; a model without hooks has no per-instance forward
-    or backward, so every call runs the class's method directly (and a student stepping in lands there)."""
-    assert Module.__call__.__code__.co_names == ("forward",)
+    """``Module.__call__`` looks up ``forward`` and the grad mode (``no_grad``) and nothing for hooks; a model without
+    hooks has no per-instance forward or backward, so every call runs the class's method directly (and a student
+    stepping in lands there)."""
+    assert Module.__call__.__code__.co_names == ("forward", "_grad_mode", "enabled", "_clear_cache")
     for tier in ("fast", "textbook"):
         model = build(tier, np.float32)
         assert not any({"forward", "backward", "_hooks"} & m.__dict__.keys() for m in model.modules())

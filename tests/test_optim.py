@@ -161,6 +161,7 @@ def test_parameters_and_grads_are_views_of_flat_buffers(xp, rng):
     assert starts == [0, 8 * sizes[0], 8 * (sizes[0] + sizes[1])]          # every view starts 256-byte aligned
     np.testing.assert_array_equal(to_numpy(params[1].grad), 3.0)        # values moved in, zero flag kept
     np.testing.assert_array_equal(to_numpy(params[2].grad), 0.0)
+    np.testing.assert_array_equal(to_numpy(params[0].grad), 0.0)        # a fresh gradient: a pending zero, written now
     group.data[...] = 7.0
     group.grad[...] = 2.0
     for p in params:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..nn import Conv2d, Module, Upsample, sigmoid
+from ..nn import Conv2d, Module, Upsample, no_grad, sigmoid
 from ..nn.functional import check_input
+from ..nn.threads import inference_threads, split_forward
 from .aspp import ASPP
 from .config import DeepLabConfig, default_rates
 from .densenet import DenseNet, _Named, check_input_size, check_output_stride, min_input_size
@@ -63,6 +64,9 @@ class DeepLabV3(Module):
     def forward(self, x):
         check_input("DeepLabV3", x, 3)
         check_input_size("DeepLabV3", x, self.min_input_size, self.output_stride)
+        parts = inference_threads(self, x)
+        if parts > 1:     # inference (no_grad, eval) on the CPU: the batch split over the BLAS's threads (nn.threads)
+            return split_forward(self, x, parts)
         logits = self.head(self.backbone(x))
         self.upsample.size = tuple(x.shape[2:])   # back to the input size, whatever the rounding was
         self._forward_done()
@@ -81,7 +85,8 @@ class DeepLabV3(Module):
 
     def predict_proba(self, x):
         """Sigmoid of the logits (N, num_classes, H, W), in the current mode (call ``eval()`` first)."""
-        return sigmoid(self(x))
+        with no_grad():     # inference: nothing kept for a backward (and, on the CPU, the batch split over threads)
+            return sigmoid(self(x))
 
     def predict(self, x, threshold: float = 0.5):
         """Boolean mask ``predict_proba(x) > threshold``, in the current mode (call ``eval()`` first)."""

@@ -98,9 +98,10 @@ class _FusedHead(_Named):
         post = self.fused_head.post
         # a hook on a layer of the head (or on norm2, folded in eval) must see it run: then layer by layer
         hooked = norm._hooks or relu._hooks or conv._hooks or (post is not None and post._hooks)
-        self.head_was_fused = bool(self.fused) and not hooked
-        x = self.fused_head.forward(x, stats) if self.head_was_fused else conv(relu(norm(x, stats)))
-        for m in self._after_head():
+        # locals: no_grad threads may run this at once (nn.threads)
+        fused = self.head_was_fused = bool(self.fused) and not hooked
+        x = self.fused_head.forward(x, stats) if fused else conv(relu(norm(x, stats)))
+        for m in self._after_head(fused and self.fused_head.folds()):
             x = m(x)
         return x
 
@@ -137,18 +138,20 @@ class _FusedHead(_Named):
     def _backward_after_head(self, dout):
         """dL/d(head's output): back through the children after the head, last child first (chain rule)."""
         self._need(self.head_was_fused)
-        for m in reversed(self._after_head()):
+        for m in reversed(self._after_head(self.head_was_fused and self.fused_head.folded)):
             dout = m.backward(dout)
         return dout
 
-    def _after_head(self):
-        """The children after norm → relu → conv, less norm2 when the last forward folded it into the head."""
+    def _after_head(self, folded: bool):
+        """The children after norm → relu → conv, less norm2 when the head folded it in (``folded``)."""
         rest = list(self.children())[3:]
-        return rest[1:] if self.head_was_fused and self.fused_head.folded else rest
+        return rest[1:] if folded else rest
 
     def _clear_cache(self):
         self.fused_head.clear_cache()
         self.head_was_fused = None
+        for m in self.children():   # the fused head ran the batch norms without their __call__ (no_grad clears here)
+            m._clear_cache()
 
 
 def set_fused(model, fused: bool = True):

@@ -46,7 +46,7 @@ from .functional import (
     tap_major,
     valid_taps,
 )
-from .module import Module, Parameter
+from .module import Module, Parameter, is_grad_enabled
 
 
 @lru_cache(maxsize=512)
@@ -184,8 +184,9 @@ class Conv2d(Module):
                 cols = x[:, :, ::self.stride[0], ::self.stride[1]].reshape(N, C, Ho * Wo)  # a view at stride 1
             elif path == "im2col":
                 # last call's columns (its backward is done) are overwritten: the memory of a big array that
-                # would otherwise be freed and faulted in again each step
-                reuse = self.saved if self.path == "im2col" else None
+                # would otherwise be freed and faulted in again each step (not under no_grad, which keeps none and
+                # whose threads may run this layer at once)
+                reuse = self.saved if self.path == "im2col" and is_grad_enabled() else None
                 self.saved = None
                 cols = im2col(x, self.kernel_size, self.stride, self.padding, self.dilation, out=reuse)
             else:   # every tap's input pixel in one gather; the taps that read padding read 0

@@ -108,20 +108,27 @@ class BNReLUConv1x1:
         per-channel affine map as well, folded into the GEMM (``self.folded``)."""
         xp = get_array_module(x)
         N, C, H, W = x.shape
-        src, self.scale, shift = self.norm.affine_map(x, stats)
+        # computed in locals, cached on self at the end: no_grad threads may run this head at once (nn.threads)
+        src, scale, shift = self.norm.affine_map(x, stats)
         # z gets one extra channel of ones, so that the GEMM adds W·b itself: [W·diag(s) | W·b] · [z; 1]
-        self.z1 = xp.empty((N, C + 1, H, W), dtype=x.dtype)
-        self.z1[:, C] = 1
-        _, self.lo, self.hi, self.shift, self.blocked = relu_of_affine(src, self.scale, shift, out=self.z1[:, :C])
-        self.mask = self.passed() if self.norm.training else None   # else only if backward asks
-        w1 = self._weight_with_shift()
-        self.folded = self.post is not None and not self.post.training
-        self.w_scaled = None if self.folded else w1[:, :C]    # W·diag(s), for a scaled backward
-        if self.folded:                       # post(y) = s2·y + b2: scale w1's rows, add b2 to the ones column
+        z1 = xp.empty((N, C + 1, H, W), dtype=x.dtype)
+        z1[:, C] = 1
+        _, lo, hi, shift, blocked = relu_of_affine(src, scale, shift, out=z1[:, :C])
+        w1 = self._weight_with_shift(scale, shift)
+        folded = self.folds()
+        if folded:                            # post(y) = s2·y + b2: scale w1's rows, add b2 to the ones column
             _, s2, b2 = self.post.eval_affine()
             w1 *= s2[:, None]
             w1[:, C] += b2
-        return matmul(w1, self.z1.reshape(N, C + 1, H * W)).reshape(N, -1, H, W)
+        self.z1, self.scale, self.lo, self.hi, self.shift, self.blocked = z1, scale, lo, hi, shift, blocked
+        self.folded = folded
+        self.w_scaled = None if folded else w1[:, :C]    # W·diag(s), for a scaled backward
+        self.mask = self.passed() if self.norm.training else None   # else only if backward asks
+        return matmul(w1, z1.reshape(N, C + 1, H * W)).reshape(N, -1, H, W)
+
+    def folds(self) -> bool:
+        """Whether forward folds ``post`` into its GEMM (an eval-mode batch norm is a per-channel affine map)."""
+        return self.post is not None and not self.post.training
 
     def backward(self, dout):
         g = self.grad_at_norm_output(dout)
@@ -139,7 +146,7 @@ class BNReLUConv1x1:
             if self.post.training:
                 raise RuntimeError("BNReLUConv1x1.backward: the folded batch norm was switched to training mode "
                                    "after forward; run forward again in the mode backward should see")
-            self.post.affine_map(matmul(self._weight_with_shift(), z1).reshape(N, F, H, W))
+            self.post.affine_map(matmul(self._weight_with_shift(self.scale, self.shift), z1).reshape(N, F, H, W))
             dout = self.post.backward(dout)
         d2 = dout.reshape(N, F, H * W)
         w = self.conv.weight.data.reshape(F, C)
@@ -181,13 +188,13 @@ class BNReLUConv1x1:
             sum_gc = sum_gc - self.norm.running_mean * sum_g
         return sum_g, sum_gc
 
-    def _weight_with_shift(self):
+    def _weight_with_shift(self, scale, shift):
         """[W·diag(s) | W·b]: (F, C + 1)."""
         w = self.conv.weight.data.reshape(self.conv.out_channels, -1)
         xp, C = get_array_module(w), w.shape[1]
         w1 = xp.empty((w.shape[0], C + 1), dtype=w.dtype)
-        xp.multiply(w, self.scale, out=w1[:, :C])
-        w1[:, C] = matmul(w, self.shift)
+        xp.multiply(w, scale, out=w1[:, :C])
+        w1[:, C] = matmul(w, shift)
         return w1
 
     def passed(self):

@@ -90,8 +90,9 @@ class BatchNorm2d(Module):
         if not self.training:
             # eval: a per-channel affine map of x; the centred input is only needed (and rebuilt) in backward
             self.x, self.centered, self.batch_stats = x, None, False
-            self.inv_std, self.scale, shift = self.eval_affine()
-            return x, self.scale, shift
+            inv_std, scale, shift = self.eval_affine()    # locals: no_grad threads may run this layer at once
+            self.inv_std, self.scale = inv_std, scale
+            return x, scale, shift
         if n < 2:
             raise ValueError(f"BatchNorm2d: training needs more than one value per channel, got input shape "
                              f"{tuple(x.shape)} (N*H*W = {n}); use a batch of at least 2 or call .eval()")

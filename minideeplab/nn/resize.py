@@ -67,8 +67,8 @@ class Upsample(Module):
         else:
             self.scale_factor = None
         self.mode, self.align_corners = mode, bool(align_corners)
-        self.A_h = self.A_w = None   # interpolation matrices of the last forward
-        self._matrix_key = None
+        self.A_h = self.A_w = None   # interpolation matrices of the last forward (for backward)
+        self._matrices = None        # (key, A_h, A_w) made for a shape: kept across calls, read as ONE attribute
 
     def output_size(self, H: int, W: int) -> tuple[int, int]:
         if self.size is not None:
@@ -83,12 +83,14 @@ class Upsample(Module):
         if Ho < 1 or Wo < 1:
             raise ValueError(f"Upsample: output size ({Ho}, {Wo}) from input {tuple(x.shape)} is empty")
         key = (H, W, Ho, Wo, x.dtype, xp.__name__)
-        if key != self._matrix_key:   # rebuilt only when the shape changes
+        made = self._matrices      # one read: no_grad threads may run this layer at once (nn.threads)
+        if made is None or made[0] != key:   # rebuilt only when the shape changes
             sh, sw = self.scale_factor if self.scale_factor is not None and not self.align_corners else (None, None)
-            self.A_h = bilinear_matrix(H, Ho, self.align_corners, sh, xp, x.dtype)
-            self.A_w = bilinear_matrix(W, Wo, self.align_corners, sw, xp, x.dtype)
-            self._matrix_key = key
-        return matmul(matmul(self.A_h, x), self.A_w.T)
+            made = self._matrices = (key, bilinear_matrix(H, Ho, self.align_corners, sh, xp, x.dtype),
+                                     bilinear_matrix(W, Wo, self.align_corners, sw, xp, x.dtype))
+        _, A_h, A_w = made
+        self.A_h, self.A_w = A_h, A_w
+        return matmul(matmul(A_h, x), A_w.T)
 
     def backward(self, dout):
         self._need(self.A_h)
@@ -96,7 +98,7 @@ class Upsample(Module):
         return matmul(matmul(self.A_h.T, dout), self.A_w)
 
     def _clear_cache(self):
-        self.A_h = self.A_w = self._matrix_key = None
+        self.A_h = self.A_w = None   # the matrices stay in _matrices: their key holds the shape, dtype and device
 
     def extra_repr(self):
         what = f"size={self.size}" if self.size is not None else f"scale_factor={self.scale_factor}"
