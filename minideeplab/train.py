@@ -48,6 +48,10 @@ class TrainConfig:
         train_size, val_size: number of SyntheticShapes images (ignored for folders).
         augment: random scale + crop, flip and colour jitter on the training set.
         device: "cpu" or "cuda". seed: the run's single seed. threshold: for IoU/Dice.
+        cuda_graph: on "cuda", replay the training step and the validation forward as CUDA graphs (graph_step.py);
+            False: run them eagerly. No effect on the CPU.
+        backbone_weights: a torchvision DenseNet-121 ``.pth`` file loaded into the backbone before training
+            (``io.import_torchvision_densenet121``; needs torch); a resumed run keeps its trained weights.
     """
     data: str = "shapes"
     model: str = "densenet121"
@@ -68,6 +72,8 @@ class TrainConfig:
     device: str = "cpu"
     seed: int = 0
     threshold: float = 0.5
+    cuda_graph: bool = True
+    backbone_weights: str | None = None
 
     def validate(self) -> TrainConfig:
         """Raise ValueError with a clear message for an invalid setting; return self."""
@@ -84,6 +90,8 @@ class TrainConfig:
         need(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         need(0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold}")
+        need(self.backbone_weights is None or self.model == "densenet121",
+             f"backbone_weights (torchvision's DenseNet-121) needs model 'densenet121', got {self.model!r}")
         check_device(self.device)
         build_loss(self.loss)                 # unknown names raise ValueError listing the choices
         return self
@@ -141,6 +149,16 @@ def evaluate(model, loader, loss_fn=None, threshold: float = 0.5, device: str = 
     return out
 
 
+def _load_backbone(model, path) -> None:
+    """torchvision's DenseNet-121 weights from ``path`` into ``model.backbone``; any failure is a ValueError naming
+    the file."""
+    from .io import import_torchvision_densenet121
+    try:
+        import_torchvision_densenet121(path, model)
+    except Exception as e:
+        raise ValueError(f"backbone_weights {str(path)!r}: {' '.join(str(e).split()) or type(e).__name__}") from e
+
+
 def _write_history(path: Path, history: list) -> None:
     with atomic_write(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
@@ -159,10 +177,11 @@ class Trainer:
         log: called with one line per epoch (e.g. ``print``); None for silence.
         figures: write the two PNG figures.
         log_every: also ``log`` a line every this many steps (0: only per epoch), for logs without a terminal.
+        load_backbone: load ``config.backbone_weights`` (False when a checkpoint's weights follow: ``from_checkpoint``).
     """
 
     def __init__(self, config: TrainConfig, out_dir=None, progress: bool = True, log=None, figures: bool = True,
-                 log_every: int = 0):
+                 log_every: int = 0, load_backbone: bool = True):
         from .models import build_deeplab
         from .nn import Dropout
         self.cfg = config.validate()
@@ -172,12 +191,14 @@ class Trainer:
         self.rngs = dict(zip(("shuffle", "augment", "dropout"), (np.random.default_rng(s) for s in seqs)))
         self.train_set, self.val_set = build_datasets(self.cfg, self.rngs["augment"])
         self.train_loader = DataLoader(self.train_set, self.cfg.batch_size, shuffle=True, rng=self.rngs["shuffle"],
-                                       drop_last=True)
+                                       drop_last=True, prefetch=True)
         self.val_loader = DataLoader(self.val_set, self.cfg.batch_size)
         if len(self.train_loader) == 0:
             raise ValueError(f"the training set has {len(self.train_set)} images, fewer than one batch of "
                              f"{self.cfg.batch_size}; lower --batch-size")
         self.model = build_deeplab(self.cfg.model_config(), rng=np.random.default_rng(init_seq))
+        if self.cfg.backbone_weights and load_backbone:
+            _load_backbone(self.model, self.cfg.backbone_weights)
         for m in self.model.modules():        # every stochastic layer draws from the checkpointed Generator
             if isinstance(m, Dropout):
                 m.rng = self.rngs["dropout"]
@@ -188,6 +209,13 @@ class Trainer:
         self.total_steps = self.cfg.epochs * len(self.train_loader)
         self.scheduler = build_scheduler(self.cfg.scheduler, self.optimizer, self.total_steps,
                                          warmup_steps=min(self.cfg.warmup_steps, self.total_steps - 1))
+        # on a GPU the training step and the validation forward replay CUDA graphs (graph_step.py)
+        self.captured = self.captured_eval = None
+        if self.cfg.device == "cuda" and self.cfg.cuda_graph:
+            from .graph_step import CapturedEvalStep, CapturedTrainStep
+            self.captured = CapturedTrainStep(self.model, self.loss_fn, self.optimizer, self.scheduler,
+                                              self.cfg.threshold)
+            self.captured_eval = CapturedEvalStep(self.model)
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.epoch_order = None
         self.history, self.best_iou = [], -1.0
@@ -242,11 +270,14 @@ class Trainer:
         cfg = TrainConfig.from_dict(ckpt.meta["train_config"])
         if device is not None:
             cfg.device = device
-        trainer = cls(cfg, out_dir=out_dir if out_dir is not None else Path(path).parent, **kwargs)
+        trainer = cls(cfg, out_dir=out_dir if out_dir is not None else Path(path).parent, load_backbone=False,
+                      **kwargs)
         trainer.load_state(ckpt)
         return trainer
 
     def _snapshot(self):
+        if self.captured is not None:     # a captured step never stops mid-way: nothing of the model to roll back
+            return {k: generator_state(g) for k, g in self.rngs.items()}, []
         return ({k: generator_state(g) for k, g in self.rngs.items()},
                 [(m, k, b.copy()) for m in self.model.modules() for k, b in m._buffers.items() if b is not None])
 
@@ -259,7 +290,15 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------------
     def train_step(self, images, masks):
-        """One optimisation step on a host batch; returns (loss, probabilities on the device)."""
+        """One optimisation step on a host batch; returns (loss, probabilities on the device), or (loss, None) when
+        the step is captured (its confusion counts are then already in ``train_meter``)."""
+        if self.captured is not None:     # one CUDA graph replay; Ctrl-C stops after it
+            self._in_update = True
+            loss = self.captured(images, masks, self.train_meter)
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"training loss is {loss} at step {self.global_step} (the captured step "
+                                         "has updated the weights from it); lower --lr")
+            return loss, None
         x, t = to_device(images, self.cfg.device), to_device(masks, self.cfg.device)
         self.model.train()
         self.optimizer.zero_grad()
@@ -332,7 +371,8 @@ class Trainer:
                         raise
                     self._restore(snap)       # back to the clean state at the start of this step
                     self._interrupted()
-                self.train_meter.update(probs, batch[1])
+                if probs is not None:
+                    self.train_meter.update(probs, batch[1])
                 r = self.running
                 r["loss_sum"] += loss
                 r["count"] += 1
@@ -353,8 +393,8 @@ class Trainer:
         return self.train_meter.compute()["iou"] if self.train_meter.total else 1.0
 
     def _end_epoch(self):
-        val = self.last_val = evaluate(self.model, self.val_loader, self.loss_fn, self.cfg.threshold,
-                                       self.cfg.device, progress=self.progress)
+        val = self.last_val = evaluate(self.captured_eval or self.model, self.val_loader, self.loss_fn,
+                                       self.cfg.threshold, self.cfg.device, progress=self.progress)
         r = self.running
         row = {"epoch": self.epoch + 1, "step": self.global_step, "lr": self.optimizer.lr,
                "train_loss": r["loss_sum"] / max(r["count"], 1), "train_iou": self._running_iou(),
