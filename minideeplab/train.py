@@ -155,8 +155,11 @@ def _load_backbone(model, path) -> None:
     from .io import import_torchvision_densenet121
     try:
         import_torchvision_densenet121(path, model)
-    except Exception as e:
-        raise ValueError(f"backbone_weights {str(path)!r}: {' '.join(str(e).split()) or type(e).__name__}") from e
+    except (ValueError, OSError, ImportError) as e:       # a wrong state dict, no file, no torch
+        raise ValueError(f"backbone_weights {str(path)!r}: {' '.join(str(e).split())}") from e
+    except Exception as e:                                 # what torch.load raises for a file that is no .pth
+        raise ValueError(f"backbone_weights {str(path)!r}: torch.load cannot read it as a state dict "
+                         f"({type(e).__name__}); expected torchvision's densenet121-a639ec97.pth") from e
 
 
 def _write_history(path: Path, history: list) -> None:
