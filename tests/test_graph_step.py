@@ -318,46 +318,57 @@ def _gpu_run(cuda_graph: bool, stop_at=None, out_dir=None, as_captured=False, **
 def _close(a, b, rtol, atol):
     assert a.keys() == b.keys()
     for k in a:
-        np.testing.assert_allclose(b[k].astype(np.float64) if b[k].dtype.kind == "f" else b[k],
-                                   a[k].astype(np.float64) if a[k].dtype.kind == "f" else a[k],
-                                   rtol=rtol, atol=atol, err_msg=k)
+        if a[k].dtype.kind == "f":
+            np.testing.assert_allclose(b[k], a[k], rtol=rtol, atol=atol, err_msg=k)
+        else:
+            np.testing.assert_array_equal(b[k], a[k], err_msg=k)
 
 
+def _close_history(a, b, rel):
+    for r, q in zip(a.history, b.history):
+        for k in ("train_loss", "val_loss"):
+            assert q[k] == pytest.approx(r[k], rel=rel), k
+        for k in ("train_iou", "val_iou"):     # a logit at the threshold may round across it: a pixel or two
+            assert q[k] == pytest.approx(r[k], abs=5e-3), k
+
+
+# (max-pool backward adds with atomics on a GPU, in no fixed order: two runs of the same steps differ at float32
+# rounding, which Adam amplifies, ~2e-4 on the CPU for rounding differences; hence the tolerances)
 @gpu
-def test_gpu_replays_train_as_the_same_steps_run_eagerly():
-    """Two epochs (3 steps each, warm-up, dropout, AdamW; validation's last batch smaller): the trainer's CUDA graph
+@pytest.mark.parametrize("optimizer, rtol, atol", [("sgd", 1e-4, 1e-6), ("adamw", 1e-3, 1e-5)])
+def test_cuda_graph_trainer_replays_train_as_the_same_steps_run_eagerly(optimizer, rtol, atol):
+    """Two epochs (3 steps each, warm-up, dropout; validation's last batch smaller): the trainer's CUDA graph
     replays against its eager loop run on the captured path (the same kernels: cuBLAS GEMMs, the general fused
-    heads), then against the plain eager loop (CuPy's GEMMs, which may round apart in the last bits)."""
-    graphed = _gpu_run(True)
-    assert graphed.captured.captured and sorted(len(g) for g in [graphed.captured_eval.graphs]) == [2]
-    same_path = _gpu_run(False, as_captured=True)
-    _close(_state(same_path), _state(graphed), rtol=1e-5, atol=1e-7)
-    for a, b in zip(same_path.history, graphed.history):
-        for k in ("train_loss", "val_loss", "val_iou", "train_iou"):
-            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
-    eager = _gpu_run(False)
-    _close(_state(eager), _state(graphed), rtol=1e-3, atol=1e-5)
-    for a, b in zip(eager.history, graphed.history):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    heads), then against the plain eager loop (CuPy's GEMMs, which round apart in the last bits)."""
+    graphed = _gpu_run(True, optimizer=optimizer)
+    assert graphed.captured.captured and len(graphed.captured_eval.graphs) == 2
+    assert graphed.optimizer.steps == graphed.scheduler.last_step == 6
+    same_path = _gpu_run(False, as_captured=True, optimizer=optimizer)
+    assert same_path.captured is None
+    _close(_state(same_path), _state(graphed), rtol=rtol, atol=atol)
+    _close_history(same_path, graphed, rel=1e-5)
+    eager = _gpu_run(False, optimizer=optimizer)
+    _close(_state(eager), _state(graphed), rtol=10 * rtol, atol=10 * atol)
+    _close_history(eager, graphed, rel=1e-4)
 
 
 @gpu
-def test_gpu_captured_run_resumes(tmp_path):
-    """A captured run stopped after step 2 and resumed (new capture, counters written back to the device) ends where
-    the uninterrupted captured run ends, to the rounding of the GPU's reductions."""
+def test_cuda_graph_trainer_run_resumes(tmp_path):
+    """A captured run stopped after step 2 and resumed (a new capture, the counters written back to the device)
+    ends where the uninterrupted captured run ends, to the GPU's rounding."""
     reference = _gpu_run(True)
     with pytest.raises(KeyboardInterrupt):
         _gpu_run(True, stop_at=2, out_dir=tmp_path)
     resumed = Trainer.from_checkpoint(tmp_path / "last.npz", progress=False, figures=False)
-    assert resumed.captured is not None
+    assert resumed.captured is not None and resumed.global_step == 2
     resumed.fit()
-    _close(_state(reference), _state(resumed), rtol=1e-5, atol=1e-7)
-    assert [r["train_loss"] for r in resumed.history] == pytest.approx([r["train_loss"] for r in reference.history],
-                                                                       rel=1e-5)
+    assert resumed.captured.captured and resumed.optimizer.steps == 6
+    _close(_state(reference), _state(resumed), rtol=1e-3, atol=1e-5)
+    _close_history(reference, resumed, rel=1e-5)
 
 
 @gpu
-def test_gpu_captured_validation_with_a_smaller_last_batch():
+def test_cuda_graph_validation_with_a_smaller_last_batch():
     """Validation through ``CapturedEvalStep`` (batches of 4 and a last one of 2: two graphs) gives the eager metrics."""
     model = build_deeplab(DeepLabConfig.small(output_stride=8), rng=np.random.default_rng(0)).to("cuda")
     loader = DataLoader(SyntheticShapes(6, 32, seed=1, split=1), batch_size=4)
