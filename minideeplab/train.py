@@ -9,6 +9,10 @@ Ctrl-C: the first SIGINT asks the loop to stop after the current step; it then w
 step boundary and raises ``KeyboardInterrupt``. A second Ctrl-C aborts the step at once; the trainer restores the
 state it had at the start of the step (batch-norm statistics and Generators; weights only change in the
 optimizer update, which is never interrupted) and saves that.
+
+On a GPU the training step and the validation forward replay CUDA graphs (``graph_step.py``; ``cuda_graph=False``
+runs them eagerly): the same numbers to float rounding, checkpoints and resume as above. A replay cannot stop
+midway, so there a second Ctrl-C, too, stops after the step.
 """
 from __future__ import annotations
 
