@@ -15,7 +15,9 @@ same batches), optimizer and schedule (``torch.optim.AdamW``, ``LambdaLR`` follo
 reading ``loss.item()`` and the counts once per step. Each side runs in a fresh subprocess; images per second are
 counted from the end of step ``--loop-warmup`` (ours: the warm-up steps and the capture come before) to the end of
 the last step. The data pipeline alone (the loader without prefetching, one thread) is timed too: when it is
-slower than a step, both loops wait for data, whatever the step costs.
+slower than a step, both loops wait for data, whatever the step costs. The process CPU time per image over the
+timed steps (all threads: the step's, the prefetching thread's, and threads that spin while they wait) is the figure
+that other processes on a shared machine disturb least.
 """
 from __future__ import annotations
 
@@ -40,12 +42,21 @@ def loop_config(spec: dict):
                        cuda_graph=spec.get("cuda_graph", True))
 
 
+def _stamp() -> tuple:
+    """(wall, process CPU) seconds at the end of a step."""
+    return time.perf_counter(), time.process_time()
+
+
 def _images_per_s(stamps: list, batch: int, warmup: int) -> dict:
-    """Throughput from the end of step ``warmup`` to the end of the last step, and the median step time there."""
+    """Throughput from the end of step ``warmup`` to the end of the last step, the median step time there, and the
+    process CPU seconds per image (``stamps``: ``_stamp()`` at the end of each step)."""
     timed = stamps[warmup - 1:] if warmup > 0 else stamps
-    gaps = np.diff(timed).tolist()
-    return {"images_per_s": batch * len(gaps) / (timed[-1] - timed[0]) if gaps else None,
-            "step_s": statistics.median(gaps) if gaps else None, "steps_timed": len(gaps)}
+    wall = [w for w, _ in timed]
+    gaps = np.diff(wall).tolist()
+    images = batch * len(gaps)
+    return {"images_per_s": images / (wall[-1] - wall[0]) if gaps else None,
+            "step_s": statistics.median(gaps) if gaps else None, "steps_timed": len(gaps),
+            "cpu_s_per_image": (timed[-1][1] - timed[0][1]) / images if gaps else None}
 
 
 def data_throughput(cfg, batches: int) -> float:
@@ -70,7 +81,7 @@ def run_ours(spec: dict) -> dict:
     cfg = loop_config(spec)
     trainer = Trainer(cfg, progress=False, figures=False)
     stamps = []
-    trainer.on_step_end = lambda t: stamps.append(time.perf_counter())    # after the step's read (a sync on a GPU)
+    trainer.on_step_end = lambda t: stamps.append(_stamp())     # after the step's read (a sync on a GPU)
     trainer.fit()
     result = _images_per_s(stamps, cfg.batch_size, spec["loop_warmup"])
     result["captured"] = bool(trainer.captured is not None and trainer.captured.captured)
@@ -117,7 +128,7 @@ def run_torch(spec: dict) -> dict:
             counts = torch.stack([(predicted & true).sum(), predicted.sum(), true.sum()]).to(loss.dtype)
             values = torch.cat([loss.detach().reshape(1), counts]).tolist()      # the step's one read
         losses.append(values[0])
-        stamps.append(time.perf_counter())
+        stamps.append(_stamp())
     result = _images_per_s(stamps, cfg.batch_size, spec["loop_warmup"])
     result.update(torch=torch.__version__, final_loss=losses[-1])
     if dev == "cuda":
@@ -137,7 +148,7 @@ def markdown(report: dict) -> str:
     lines = [f"### Training loop, {a['model']}, batch {a['batch']}x3x{a['size']}x{a['size']}, {a['device']}, {where}: "
              f"images/s over {a['loop_steps']} steps after {a['loop_warmup']} ({ours}; PyTorch eager)", "",
              "| OS | ours (img/s) | PyTorch (img/s) | speed-up (ours / PyTorch) | ours step (ms) | PyTorch step (ms) "
-             "| data alone (img/s) |", "|---|---|---|---|---|---|---|"]
+             "| ours CPU (s/img) | PyTorch CPU (s/img) | data alone (img/s) |", "|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(v, f):
         return "-" if v is None else f.format(v)
@@ -147,6 +158,7 @@ def markdown(report: dict) -> str:
                      f"{fmt(t.get('images_per_s'), '{:.2f}')} | {fmt(r['speedup'], '{:.2f}')} | "
                      f"{fmt(o.get('step_s') and 1e3 * o['step_s'], '{:.1f}')} | "
                      f"{fmt(t.get('step_s') and 1e3 * t['step_s'], '{:.1f}')} | "
+                     f"{fmt(o.get('cpu_s_per_image'), '{:.3f}')} | {fmt(t.get('cpu_s_per_image'), '{:.3f}')} | "
                      f"{fmt(o.get('data_images_per_s'), '{:.1f}')} |")
     return "\n".join(lines) + "\n"
 
