@@ -88,7 +88,8 @@ class CapturedTrainStep:
         self._inputs(images, masks)
         steps, t = self.optimizer.steps, self.scheduler.last_step
         self.counters.follow_host()                  # after load_state_dict: the mirrors into the arrays
-        self.model.train()
+        if not self.model.training:                  # (after validation; every call would cost ~1-5 ms of host time)
+            self.model.train()
         if self.dropouts is None:
             self._first_step()
         else:
@@ -130,10 +131,13 @@ class CapturedTrainStep:
         copy_into(self.t, masks)
 
     def _frozen(self) -> tuple:
-        """What a graph bakes in besides its arrays' values: the optimizer's flat buffers (``_flat_groups`` moves the
-        parameters in again if an array was replaced), its hyper-parameters and the schedule's."""
+        """What a graph bakes in besides its arrays' values: the optimizer's flat buffers, its hyper-parameters and
+        the schedule's. Parameters whose arrays were replaced (``model.to``: all at once; the first of each group is
+        checked, not all 382 at every step) are moved into new flat buffers first (``_flat_groups``)."""
         opt, sched = self.optimizer, self.scheduler
-        return (tuple(g.data for g in opt._flat_groups()), tuple(getattr(opt, k) for k in opt.hparam_names),
+        if not all(opt.params[g.idx[0]].lives_in(*g.views[0]) for g in opt._groups):
+            opt._flat_groups()
+        return (tuple(g.data for g in opt._groups), tuple(getattr(opt, k) for k in opt.hparam_names),
                 sched.base_lr, sched.total_steps, sched.warmup_steps, tuple(getattr(sched, k) for k in sched.extra_names))
 
     def _first_step(self) -> None:

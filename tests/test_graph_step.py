@@ -248,8 +248,9 @@ def test_capture_path_checkpoints_resume_bit_identically(capturing, tmp_path):
 
 
 def test_a_new_optimizer_state_makes_a_new_capture(capturing):
-    """The graph reads the optimizer's flat buffers; ``load_state_dict`` moves the parameters into new ones, so the
-    next step captures anew instead of replaying a graph that updates the old buffers."""
+    """The graph reads the optimizer's flat buffers; ``load_state_dict`` moves the parameters into new ones, and so
+    does the next step after ``model.to`` replaced their arrays: the next step captures anew instead of replaying a
+    graph that updates the old buffers."""
     trainer = _counting_trainer(TrainConfig(**TINY), captured=True)
     batches = trainer.train_loader.batches(trainer.train_loader.epoch_order())
     for _ in range(2):
@@ -257,6 +258,11 @@ def test_a_new_optimizer_state_makes_a_new_capture(capturing):
     trainer.optimizer.load_state_dict(trainer.optimizer.state_dict())
     trainer.train_step(*next(batches))
     assert [r.calls for r in trainer.runners] == [["warmup", "warmup"], ["warmup"]]
+    trainer.model._apply(lambda a: np.array(a).view(CountingArray))       # new arrays, as model.to makes
+    trainer.train_step(*next(iter(trainer.train_loader)))
+    assert [r.calls for r in trainer.runners] == [["warmup", "warmup"], ["warmup"], ["warmup"]]
+    assert all(p.lives_in(*v) for g in trainer.optimizer._groups for p, v in
+               zip((trainer.optimizer.params[i] for i in g.idx), g.views))
 
 
 def test_captured_step_checks_masks_and_shape_on_the_host(capturing):
