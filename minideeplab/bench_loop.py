@@ -55,7 +55,7 @@ def _images_per_s(stamps: list, batch: int, warmup: int) -> dict:
     gaps = np.diff(wall).tolist()
     images = batch * len(gaps)
     return {"images_per_s": images / (wall[-1] - wall[0]) if gaps else None,
-            "step_s": statistics.median(gaps) if gaps else None, "steps_timed": len(gaps),
+            "step_s": statistics.median(gaps) if gaps else None, "steps_timed": len(gaps), "steps_s": gaps,
             "cpu_s_per_image": (timed[-1][1] - timed[0][1]) / images if gaps else None}
 
 

@@ -10,7 +10,8 @@ from minideeplab.bench_loop import _images_per_s, loop_config
 def test_images_per_s_counts_from_the_end_of_the_warmup_steps():
     stamps = [(0.0, 0.0), (5.0, 9.0), (6.0, 10.0), (7.5, 12.0), (8.0, 15.0)]   # (wall, CPU) at step ends
     result = _images_per_s(stamps, batch=4, warmup=2)                      # the first two steps are warm-up
-    assert result == {"images_per_s": 4 * 3 / 3.0, "step_s": 1.0, "steps_timed": 3, "cpu_s_per_image": 6 / 12}
+    assert result == {"images_per_s": 4 * 3 / 3.0, "step_s": 1.0, "steps_timed": 3, "steps_s": [1.0, 1.5, 0.5],
+                      "cpu_s_per_image": 6 / 12}
 
 
 def test_loop_config_is_the_benchmarks_run():
