@@ -256,3 +256,66 @@ def cuda_graph(step, prepare=None, warmup: int = 2):
 
     replay.graph, replay.stream, replay.pool = graph, stream, pool    # alive as long as replay is
     return replay
+
+
+def copy_into(dst, src) -> None:
+    """``dst[...] = src`` for an array that must stay where it is (a captured step's input): a host array into a
+    CuPy one is one host-to-device copy on the current stream (``ndarray.set``)."""
+    if is_cuda_array(dst) and not is_cuda_array(src):
+        dst.set(np.ascontiguousarray(src, dtype=dst.dtype))
+    else:
+        dst[...] = src
+
+
+class GraphStep:
+    """``step()`` run on a stream and a memory pool of its own, as a CUDA graph needs, and run exactly once per call:
+    the first ``warmup`` calls run it on the captured path (``as_captured``: its kernels compile and load, the pool
+    grows to what a step needs), the next call captures it as a CUDA graph and launches that, every later call
+    replays the graph (one launch).
+
+    Unlike ``cuda_graph``, whose warm-up steps and capture are extra steps, every call here is one real step, so a
+    training loop can run all its steps through it (``graph_step.CapturedTrainStep``). What changes between calls
+    (the batch, dropout masks, the learning-rate counters) is written into the step's arrays before the call, on
+    the current stream: the step runs after that, and what the caller queues afterwards (reading the step's
+    outputs) runs after the step. The rules of ``cuda_graph`` hold (arrays updated in place, no host reads, no
+    copies from the host inside the step, the same shapes every call). After the capture ``captured`` is True.
+    """
+
+    def __init__(self, step, warmup: int = 2):
+        if not cuda_available():
+            raise ValueError("GraphStep: needs CuPy and a visible GPU (CUDA graphs capture GPU work only)")
+        self.step, self.warmup, self.runs, self.graph = step, int(warmup), 0, None
+        self.stream, self.pool = _cupy.cuda.Stream(non_blocking=True), _cupy.cuda.MemoryPool()
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def __call__(self) -> None:
+        caller = _cupy.cuda.get_current_stream()
+        with self.stream:
+            self.stream.wait_event(caller.record())          # after what the caller queued (the new inputs)
+            if self.graph is None:
+                with _cupy.cuda.using_allocator(self.pool.malloc):
+                    if self.runs < self.warmup:
+                        with as_captured():
+                            self.step()
+                    else:
+                        self._capture()
+            if self.graph is not None:
+                self.graph.launch(self.stream)
+        caller.wait_event(self.stream.record())              # before what the caller queues next (the outputs)
+        self.runs += 1
+
+    def _capture(self) -> None:
+        self.stream.synchronize()
+        self.stream.begin_capture()
+        try:
+            self.step()
+        except BaseException:
+            try:
+                self.stream.end_capture()
+            except Exception:                                # the capture was invalidated: report the step's error
+                pass
+            raise
+        self.graph = self.stream.end_capture()

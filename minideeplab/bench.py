@@ -4,6 +4,7 @@
     minideeplab bench --device cuda        # CuPy vs PyTorch CUDA (TF32 off on both sides)
     minideeplab bench --quick              # tiny config at 64x64: a smoke run in seconds
     minideeplab bench --os 16 --textbook   # also the textbook model (minideeplab.textbook), beside ours
+    minideeplab bench --loop               # the training loop end to end, Trainer vs PyTorch, images/s (bench_loop.py)
 
 For every output stride, four phases (ours / PyTorch x eval forward / training step), each in a *fresh
 subprocess* so that peak memory does not mix between phases and the two thread pools never interleave. The
@@ -320,7 +321,11 @@ def _child(spec_json: str) -> int:
     if spec["device"] == "cuda":
         os.environ.setdefault("CUPY_TF32", "0")       # CuPy's default, made explicit: no TF32 in its GEMMs
     with limit_threads(spec["threads"]):
-        result = run_phase(spec)
+        if spec["mode"] == "loop":                  # minideeplab bench --loop (bench_loop.py)
+            from .bench_loop import run_loop_phase
+            result = run_loop_phase(spec)
+        else:
+            result = run_phase(spec)
     if spec["framework"] == "ours":             # fused functions CuPy refused (they ran operation by operation)
         from .backend import fuse
         result["fuse_failures"] = {name: f"{type(e).__name__}: {e}" for name, e in fuse.failures.items()}
@@ -465,6 +470,13 @@ def main(argv=None) -> int:
                     help="run our eval forward without splitting the batch over threads (nn.threads), to compare")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for the JSON and .md")
     ap.add_argument("--phase-timeout", type=float, default=600, help="seconds before a phase is abandoned")
+    ap.add_argument("--loop", action="store_true", help="only the training loop end to end, Trainer against a "
+                    "PyTorch loop, in images/s (minideeplab/bench_loop.py; default OS 16)")
+    ap.add_argument("--loop-steps", type=int, default=None, help="--loop: steps per side (default 200; --quick: 20)")
+    ap.add_argument("--loop-model", choices=("densenet121", "small"), default=None,
+                    help="--loop: the model (default densenet121; --quick: small)")
+    ap.add_argument("--loop-warmup", type=int, default=None,
+                    help="--loop: steps before the timing starts (default 10; --quick: 3)")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.phase:
@@ -480,10 +492,13 @@ def main(argv=None) -> int:
         print("minideeplab bench: error: --cuda-graph needs --device cuda (a CUDA graph captures GPU work)",
               file=sys.stderr)
         return 1
+    with_torch = not args.no_torch and find_spec("torch") is not None
+    if args.loop:
+        from .bench_loop import main_loop
+        return main_loop(args, with_torch)
     oss = args.output_strides or ([16] if args.quick else [32, 16, 8])
     size = args.size or (64 if args.quick else 256)
     repeats = args.repeats or (2 if args.quick else 5)
-    with_torch = not args.no_torch and find_spec("torch") is not None
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
     base = {"device": args.device, "batch": args.batch, "size": size, "repeats": repeats, "warmup": args.warmup,

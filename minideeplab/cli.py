@@ -63,6 +63,10 @@ def _add_train(sub):
       "(default) or object, or are refused (error); see docs/cli.md, 'Data'")
     a("--no-augment", dest="augment", action="store_const", const=False, help="no scale/crop/flip/jitter")
     a("--device", choices=("cpu", "cuda"))
+    a("--no-cuda-graph", dest="cuda_graph", action="store_const", const=False,
+      help="on cuda: run the steps eagerly instead of replaying them as CUDA graphs")
+    a("--backbone-weights", metavar="PTH", help="start from torchvision's DenseNet-121 weights in this .pth file "
+      "(densenet121-a639ec97.pth; needs torch)")
     a("--seed", type=int)
     a("--out", help="run folder (default runs/<date-time>; with --resume, the checkpoint's folder)")
     a("--resume", metavar="CKPT", help="continue the run saved in CKPT (e.g. RUN/last.npz) with its settings")

@@ -18,9 +18,13 @@ with ``allow_pickle=False``) and ``load_state_dict`` restores it exactly, so a r
 bit-identically. As in PyTorch, loading also restores the hyper-parameters (lr, momentum, betas, ...).
 
 The schedules (``PolyLR``, ``CosineLR``, ``ConstantLR``, ``build_scheduler``) are defined in
-``lr_scheduler.py`` and exported here.
+``lr_scheduler.py`` and exported here, with ``DeviceCounters``: attached as ``optimizer.held``, the step reads the
+learning rate and the step count from 0-d device arrays instead of Python numbers (a step captured as a CUDA graph;
+``Optimizer._factors``), to the same float32 numbers.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -31,6 +35,7 @@ from .lr_scheduler import (
     SCHEDULERS,
     ConstantLR,
     CosineLR,
+    DeviceCounters,
     LRScheduler,
     PolyLR,
     build_scheduler,
@@ -58,6 +63,7 @@ class Optimizer:
             raise ValueError(f"{type(self).__name__}: a parameter appears more than once in the list")
         self.lr = float(lr)
         self.steps = 0
+        self.held = None       # DeviceCounters: lr and steps read from device arrays (a captured step), or None
         self.state = [dict.fromkeys(self.state_names) for _ in self.params]
         self._groups = self._pack()
 
@@ -68,6 +74,8 @@ class Optimizer:
     def step(self) -> None:
         """One update of every parameter from its ``grad``: ``_update`` on each chunk of each flat group."""
         self.steps += 1
+        if self.held is not None:
+            self.held.steps += 1
         for group in self._flat_groups():
             # a parameter's state exists for all parameters or none (load_state_dict checks it, a step sets all)
             fresh = bool(self.state_names) and self.state[group.idx[0]][self.state_names[0]] is None
@@ -75,13 +83,20 @@ class Optimizer:
                 for name in self.state_names:
                     for k, i in enumerate(group.idx):
                         self.state[i][name] = group.view(group.state[name], k)
+            factors = self._factors(group.data)
             for chunk in group.chunks():
                 self._update(group.data[chunk], group.grad[chunk],
-                             {name: flat[chunk] for name, flat in group.state.items()}, fresh)
+                             {name: flat[chunk] for name, flat in group.state.items()}, fresh, factors)
 
-    def _update(self, p, g, state: dict, fresh: bool) -> None:
+    def _factors(self, like) -> dict:
+        """This step's scalars of the update rule (learning rate, bias corrections), computed once per step and
+        group: Python floats, or, with ``held`` counters, 0-d arrays of ``like``'s dtype computed on its device
+        from ``held.lr`` and ``held.steps`` by the same operations in float64 (the same float32 numbers)."""
+        raise NotImplementedError
+
+    def _update(self, p, g, state: dict, fresh: bool, factors: dict) -> None:
         """The update rule on flat arrays (a chunk of a group): ``p`` in place from ``g``; ``state[name]`` is
-        updated in place too (zeros if ``fresh``: the optimizer's first step)."""
+        updated in place too (zeros if ``fresh``: the optimizer's first step); ``factors`` from ``_factors``."""
         raise NotImplementedError
 
     def _pack(self) -> list:
@@ -248,7 +263,10 @@ class SGD(Optimizer):
         self.momentum, self.dampening = float(momentum), float(dampening)
         self.nesterov, self.weight_decay = bool(nesterov), float(weight_decay)
 
-    def _update(self, p, g, state, fresh):
+    def _factors(self, like):
+        return {"lr": self.lr if self.held is None else self.held.lr.astype(like.dtype)}
+
+    def _update(self, p, g, state, fresh, factors):
         if self.weight_decay != 0:
             g = g + self.weight_decay * p
         if self.momentum != 0:
@@ -259,7 +277,7 @@ class SGD(Optimizer):
                 buf *= self.momentum
                 buf += g if self.dampening == 0 else (1 - self.dampening) * g
             g = g + self.momentum * buf if self.nesterov else buf
-        p -= self.lr * g
+        p -= factors["lr"] * g
 
 
 class Adam(Optimizer):
@@ -293,19 +311,31 @@ class Adam(Optimizer):
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
         self.eps, self.weight_decay = float(eps), float(weight_decay)
 
-    def _update(self, p, g, state, fresh):
-        b1, b2, t = self.beta1, self.beta2, self.steps
+    def _factors(self, like):
+        # step size lr / (1 - b1^t), sqrt(1 - b2^t) (sqrt: correctly rounded on every backend, unlike pow(x, 0.5)),
+        # AdamW's decay factor 1 - lr * wd; held: the same in float64 arrays, cast as Python floats are
+        b1, b2, wd, held = self.beta1, self.beta2, self.weight_decay, self.held
+        if held is None:
+            t = self.steps
+            return {"step_size": self.lr / (1 - b1 ** t), "bias2": math.sqrt(1 - b2 ** t), "decay": 1 - self.lr * wd}
+        xp = get_array_module(held.lr)
+        factors = {"step_size": held.lr / (1 - xp.power(b1, held.steps)),
+                   "bias2": xp.sqrt(1 - xp.power(b2, held.steps)), "decay": 1 - held.lr * wd}
+        return {name: value.astype(like.dtype) for name, value in factors.items()}
+
+    def _update(self, p, g, state, fresh, factors):
+        b1, b2 = self.beta1, self.beta2
         if self.weight_decay != 0:
             if self.decoupled:
-                p *= 1 - self.lr * self.weight_decay      # AdamW: decay the weights directly
+                p *= factors["decay"]                     # AdamW: decay the weights directly, by 1 - lr * wd
             else:
                 g = g + self.weight_decay * p             # Adam: L2 term in the gradient
         m, v = state["exp_avg"], state["exp_avg_sq"]      # zeros before the first step
         m += (1 - b1) * (g - m)
         v *= b2
         v += (1 - b2) * (g * g)
-        denom = get_array_module(v).sqrt(v) / (1 - b2 ** t) ** 0.5 + self.eps
-        p -= self.lr / (1 - b1 ** t) * (m / denom)
+        denom = get_array_module(v).sqrt(v) / factors["bias2"] + self.eps
+        p -= factors["step_size"] * (m / denom)
 
 
 class AdamW(Adam):
@@ -332,5 +362,5 @@ def build_optimizer(name: str, params, lr: float, **kwargs) -> Optimizer:
     return OPTIMIZERS[key](params, lr=lr, **kwargs)
 
 
-__all__ = ["OPTIMIZERS", "SCHEDULERS", "SGD", "Adam", "AdamW", "ConstantLR", "CosineLR", "LRScheduler",
-           "Optimizer", "PolyLR", "build_optimizer", "build_scheduler"]
+__all__ = ["OPTIMIZERS", "SCHEDULERS", "SGD", "Adam", "AdamW", "ConstantLR", "CosineLR", "DeviceCounters",
+           "LRScheduler", "Optimizer", "PolyLR", "build_optimizer", "build_scheduler"]

@@ -20,6 +20,10 @@ Divergence (``finite.TrainingDiverged``): a training loss that is NaN/Inf or ``L
 step's, non-finite batch-norm statistics in a step, and at each epoch end a validation loss past the same limit or
 a parameter, running statistic or optimizer state that is NaN/Inf or beyond ``finite.MAX_ABS_STATE``, stop the run.
 No checkpoint ever holds such values: ``last.npz`` keeps the last state that passed.
+
+On a GPU the training step and the validation forward replay CUDA graphs (``graph_step.py``; ``cuda_graph=False``
+runs them eagerly): the same numbers to float rounding, checkpoints and resume as above. A replay cannot stop
+midway, so there a second signal, too, stops after the step.
 """
 from __future__ import annotations
 
@@ -65,6 +69,10 @@ class TrainConfig:
         device: "cpu" or "cuda". seed: the run's single seed. threshold: for IoU/Dice.
         mask_void: what the void pixels of VOC-style masks become: "background", "object" or "error"
             (``minideeplab.data.decode``).
+        cuda_graph: on "cuda", replay the training step and the validation forward as CUDA graphs (graph_step.py);
+            False: run them eagerly. No effect on the CPU.
+        backbone_weights: a torchvision DenseNet-121 ``.pth`` file loaded into the backbone before training
+            (``io.import_torchvision_densenet121``; needs torch); a resumed run keeps its trained weights.
     """
     data: str = "shapes"
     model: str = "densenet121"
@@ -90,6 +98,8 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.data, (str, os.PathLike)) and os.fspath(self.data) != "shapes":
             self.data = os.path.abspath(os.fspath(self.data))
+    cuda_graph: bool = True
+    backbone_weights: str | None = None
 
     def validate(self) -> TrainConfig:
         """Raise ValueError with a clear message for an invalid setting; return self."""
@@ -109,6 +119,8 @@ class TrainConfig:
         need(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         need(0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold}")
+        need(self.backbone_weights is None or self.model == "densenet121",
+             f"backbone_weights (torchvision's DenseNet-121) needs model 'densenet121', got {self.model!r}")
         check_device(self.device)
         build_loss(self.loss)                 # unknown names raise ValueError listing the choices
         return self
@@ -168,6 +180,13 @@ def evaluate(model, loader, loss_fn=None, threshold: float = 0.5, device: str = 
     return out
 
 
+def _load_backbone(model, path) -> None:
+    """torchvision's DenseNet-121 weights from ``path`` into ``model.backbone``
+    (``io.import_torchvision_densenet121``, whose errors name the file and what is wrong with it)."""
+    from .io import import_torchvision_densenet121
+    import_torchvision_densenet121(path, model)
+
+
 class Trainer(RunKeeping):
     """Train a DeepLabV3 as ``TrainConfig`` says, writing ``history.csv``, ``last.npz``, ``best.npz``,
     ``curves.png`` and ``predictions.png`` into ``out_dir`` (nothing is written when it is None).
@@ -180,10 +199,11 @@ class Trainer(RunKeeping):
         figures: write the two PNG figures (a figure that cannot be written is a warning).
         log_every: also ``log`` a line every this many steps (0: only per epoch), for logs without a terminal.
         overwrite: replace the files of another run found in ``out_dir``.
+        load_backbone: load ``config.backbone_weights`` (False when a checkpoint's weights follow: ``from_checkpoint``).
     """
 
     def __init__(self, config: TrainConfig, out_dir=None, progress: bool = True, log=None, figures: bool = True,
-                 log_every: int = 0, overwrite: bool = False):
+                 log_every: int = 0, overwrite: bool = False, load_backbone: bool = True):
         from .models import build_deeplab
         from .nn import Dropout
         self.cfg = config.validate()
@@ -195,12 +215,14 @@ class Trainer(RunKeeping):
         self.train_set, self.val_set = build_datasets(self.cfg, self.rngs["augment"], None if progress else False)
         self.data_fingerprint = dataset_fingerprint(self.train_set, self.val_set)   # checked by load_state
         self.train_loader = DataLoader(self.train_set, self.cfg.batch_size, shuffle=True, rng=self.rngs["shuffle"],
-                                       drop_last=True)
+                                       drop_last=True, prefetch=True)
         self.val_loader = DataLoader(self.val_set, self.cfg.batch_size)
         if len(self.train_loader) == 0:
             raise ValueError(f"the training set has {len(self.train_set)} images, fewer than one batch of "
                              f"{self.cfg.batch_size}; lower --batch-size")
         self.model = build_deeplab(self.cfg.model_config(), rng=np.random.default_rng(init_seq))
+        if self.cfg.backbone_weights and load_backbone:
+            _load_backbone(self.model, self.cfg.backbone_weights)
         for m in self.model.modules():        # every stochastic layer draws from the checkpointed Generator
             if isinstance(m, Dropout):
                 m.rng = self.rngs["dropout"]
@@ -211,6 +233,13 @@ class Trainer(RunKeeping):
         self.total_steps = self.cfg.epochs * len(self.train_loader)
         self.scheduler = build_scheduler(self.cfg.scheduler, self.optimizer, self.total_steps,
                                          warmup_steps=min(self.cfg.warmup_steps, self.total_steps - 1))
+        # on a GPU the training step and the validation forward replay CUDA graphs (graph_step.py)
+        self.captured = self.captured_eval = None
+        if self.cfg.device == "cuda" and self.cfg.cuda_graph:
+            from .graph_step import CapturedEvalStep, CapturedTrainStep
+            self.captured = CapturedTrainStep(self.model, self.loss_fn, self.optimizer, self.scheduler,
+                                              self.cfg.threshold)
+            self.captured_eval = CapturedEvalStep(self.model)
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.epoch_order = None
         self.history, self.best_iou, self.best_epoch, self.first_loss = [], -1.0, None, None
@@ -293,12 +322,15 @@ class Trainer(RunKeeping):
         cfg = TrainConfig.from_dict(ckpt.meta["train_config"])
         if device is not None:
             cfg.device = device
-        trainer = cls(cfg, out_dir=out_dir if out_dir is not None else Path(path).parent, **kwargs)
+        trainer = cls(cfg, out_dir=out_dir if out_dir is not None else Path(path).parent, load_backbone=False,
+                      **kwargs)
         trainer.load_state(ckpt)
         trainer.resumed_from = Path(path)
         return trainer
 
     def _snapshot(self):
+        if self.captured is not None:     # a captured step never stops mid-way: nothing of the model to roll back
+            return {k: generator_state(g) for k, g in self.rngs.items()}, []
         return ({k: generator_state(g) for k, g in self.rngs.items()},
                 [(m, k, b.copy()) for m in self.model.modules() for k, b in m._buffers.items() if b is not None])
 
@@ -311,7 +343,13 @@ class Trainer(RunKeeping):
 
     # -- the loop -----------------------------------------------------------------------------------------
     def train_step(self, images, masks):
-        """One optimisation step on a host batch; returns (loss, probabilities on the device)."""
+        """One optimisation step on a host batch; returns (loss, probabilities on the device), or (loss, None) when
+        the step is captured (its confusion counts are then already in ``train_meter``)."""
+        if self.captured is not None:     # one CUDA graph replay; Ctrl-C stops after it
+            self.stop.in_abortable = False
+            loss = self.captured(images, masks, self.train_meter)
+            self._check_loss(loss)        # after the replay: the captured step has updated the weights already
+            return loss, None
         x, t = to_device(images, self.cfg.device), to_device(masks, self.cfg.device)
         self.model.train()
         self.optimizer.zero_grad()
@@ -376,7 +414,8 @@ class Trainer(RunKeeping):
                 except (FloatingPointError, NonFiniteError) as e:
                     self._restore(snap)
                     self._diverged(self._named(e))
-                self.train_meter.update(probs, batch[1])
+                if probs is not None:
+                    self.train_meter.update(probs, batch[1])
                 r = self.running
                 r["loss_sum"] += loss
                 r["count"] += 1
@@ -402,7 +441,7 @@ class Trainer(RunKeeping):
             if problems:
                 raise FloatingPointError("; ".join(problems[:3]))
             with self.stop.abortable():
-                val = evaluate(self.model, self.val_loader, self.loss_fn, self.cfg.threshold, self.cfg.device,
+                val = evaluate(self.captured_eval or self.model, self.val_loader, self.loss_fn, self.cfg.threshold, self.cfg.device,
                                progress=self.progress)
             self._check_loss(val["loss"], "validation loss")
         except KeyboardInterrupt:

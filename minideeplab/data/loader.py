@@ -1,6 +1,9 @@
 """Dataset base class and a minimal ``DataLoader`` that stacks items into batches."""
 from __future__ import annotations
 
+import copy
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from .transforms import normalize, to_chw
@@ -40,11 +43,16 @@ class SegmentationDataset:
         return int(index) % n
 
     def __getitem__(self, index):
+        if self.transform is not None and self.rng is None:
+            self.rng = np.random.default_rng()
+        return self.item(index, self.rng)
+
+    def item(self, index, rng):
+        """``self[index]`` with the transform drawing from ``rng`` instead of ``self.rng`` (``DataLoader``'s
+        prefetching thread draws from a copy of it)."""
         image, mask = self.raw(self._index(index))
         if self.transform is not None:
-            if self.rng is None:
-                self.rng = np.random.default_rng()
-            image, mask = self.transform(image, mask, self.rng)
+            image, mask = self.transform(image, mask, rng)
         if self.normalize:
             image = normalize(image)
         return to_chw(image, mask)
@@ -63,16 +71,23 @@ class DataLoader:
         shuffle: permute the items each pass.
         rng: ``numpy.random.Generator`` for the permutation (required when ``shuffle``).
         drop_last: skip a final batch smaller than ``batch_size``.
+        prefetch: make the next batch in a background thread while the caller works on this one (the data work
+            overlaps a training step). The same batches in the same order: the thread draws the augmentation from a
+            copy of the dataset's Generator (``dataset.rng``), and the Generator is set to the copy's state after a
+            batch when that batch is handed out, so between batches it is exactly where a pass without prefetching
+            leaves it (checkpoints save it; a resumed run continues the same augmentations). For datasets with
+            ``item(index, rng)`` and ``rng`` (``SegmentationDataset``, ``Subset`` of one); others load as without.
     """
 
     def __init__(self, dataset, batch_size: int = 8, shuffle: bool = False, rng: np.random.Generator | None = None,
-                 drop_last: bool = False):
+                 drop_last: bool = False, prefetch: bool = False):
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"DataLoader: batch_size must be a positive int, got {batch_size!r}")
         if shuffle and rng is None:
             raise ValueError("DataLoader: shuffle=True needs an explicit rng (numpy.random.Generator)")
         self.dataset, self.batch_size, self.shuffle, self.rng, self.drop_last = (
             dataset, int(batch_size), bool(shuffle), rng, bool(drop_last))
+        self.prefetch = bool(prefetch)
 
     def __len__(self) -> int:
         n = len(self.dataset)
@@ -85,14 +100,41 @@ class DataLoader:
 
     def batches(self, order, start: int = 0):
         """Yield the batches of ``order``, beginning with batch number ``start``."""
+        rng = getattr(self.dataset, "rng", None)
+        inner = self.dataset.dataset if isinstance(self.dataset, Subset) else self.dataset
+        if self.prefetch and hasattr(inner, "item") and (rng is not None or self.dataset.transform is None):
+            yield from self._prefetched(order, start, rng)
+            return
         for b in range(start, len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            items = [self.dataset[int(i)] for i in idx]
-            shapes = {tuple(img.shape) for img, _ in items}
-            if len(shapes) > 1:
-                raise ValueError(f"DataLoader: items of one batch differ in size {sorted(shapes)}; "
-                                 "resize them to one size (e.g. --image-size / FolderDataset(size=...))")
-            yield np.stack([img for img, _ in items]), np.stack([m for _, m in items])
+            yield self._batch(order, b, self.dataset.__getitem__)
+
+    def _batch(self, order, b: int, item):
+        idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+        items = [item(int(i)) for i in idx]
+        shapes = {tuple(img.shape) for img, _ in items}
+        if len(shapes) > 1:
+            raise ValueError(f"DataLoader: items of one batch differ in size {sorted(shapes)}; "
+                             "resize them to one size (e.g. --image-size / FolderDataset(size=...))")
+        return np.stack([img for img, _ in items]), np.stack([m for _, m in items])
+
+    def _prefetched(self, order, start: int, rng):
+        """``batches`` with batch b + 1 made in a background thread while the caller holds batch b (see ``prefetch``)."""
+        ahead = copy.deepcopy(rng)          # the thread's Generator; rng itself moves only in this (the caller's) thread
+
+        def make(b):
+            batch = self._batch(order, b, lambda i: self.dataset.item(i, ahead))
+            return batch, None if ahead is None else ahead.bit_generator.state
+
+        n = len(self)
+        with ThreadPoolExecutor(1, thread_name_prefix="minideeplab-prefetch") as pool:
+            future = pool.submit(make, start) if start < n else None
+            for b in range(start, n):
+                batch, state = future.result()
+                if b + 1 < n:
+                    future = pool.submit(make, b + 1)
+                if rng is not None:
+                    rng.bit_generator.state = state      # where a pass without prefetching is after batch b
+                yield batch
 
     def __iter__(self):
         return self.batches(self.epoch_order())
@@ -113,6 +155,17 @@ class Subset:
     def __getitem__(self, index):
         return self.dataset[self.indices[index]]
 
+    @property
+    def rng(self):
+        """The Generator of the dataset's transform (``DataLoader``'s prefetching copies it)."""
+        return getattr(self.dataset, "rng", None)
+
+    @property
+    def transform(self):
+        return getattr(self.dataset, "transform", None)
+
+    def item(self, index, rng):
+        return self.dataset.item(self.indices[index], rng)
 
 class ConcatDataset:
     """The items of several datasets one after the other (e.g. a run's training and validation images).
