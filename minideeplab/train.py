@@ -23,16 +23,16 @@ import numpy as np
 
 from .backend import check_device, to_device, to_numpy
 from .checkpoint import generator_state, load_checkpoint, save_checkpoint, set_generator_state
-from .data import DataLoader, FolderDataset, Subset, SyntheticShapes, train_transform
+from .data import SYNTHETIC_DATA, DataLoader, FolderDataset, Subset, SyntheticShapes, train_transform
 from .io import atomic_write
 from .losses import build_loss
-from .metrics import COUNT_NAMES, ConfusionMeter
+from .metrics import COUNT_NAMES, BoundaryMeter, ConfusionMeter
 from .nn import sigmoid
 from .optim import build_optimizer, build_scheduler
 
 MODELS = ("densenet121", "small")
 HISTORY_FIELDS = ("epoch", "step", "lr", "train_loss", "train_iou", "val_loss", "val_iou", "val_dice",
-                  "val_precision", "val_recall", "val_accuracy", "seconds")
+                  "val_precision", "val_recall", "val_accuracy", "val_boundary_iou", "seconds")
 
 
 @dataclass
@@ -40,8 +40,9 @@ class TrainConfig:
     """Everything that defines a training run (stored in every checkpoint as JSON).
 
     Args:
-        data: "shapes" (SyntheticShapes) or a folder (``root/images`` + ``root/masks``, or ``root/train`` and
-            ``root/val`` each with that layout; a single folder is split with ``val_fraction``).
+        data: "shapes" (SyntheticShapes), "shapes-fine" / "shapes-context" (its variants, docs/experiments.md) or
+            a folder (``root/images`` + ``root/masks``, or ``root/train`` and ``root/val`` each with that layout; a
+            single folder is split with ``val_fraction``).
         model: "densenet121" (DeepLabConfig defaults) or "small" (DeepLabConfig.small).
         output_stride, image_size, epochs, batch_size, lr, optimizer, weight_decay, scheduler, warmup_steps, loss:
             the usual; the schedule steps once per iteration.
@@ -75,6 +76,8 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig: {msg}")
         need(self.model in MODELS, f"model must be one of {MODELS}, got {self.model!r}")
+        need(not self.data.startswith("shapes") or self.data in SYNTHETIC_DATA,
+             f"data {self.data!r}: the synthetic sets are {tuple(SYNTHETIC_DATA)} (a folder: ./{self.data})")
         need(self.output_stride in (8, 16, 32), f"output_stride must be 8, 16 or 32, got {self.output_stride}")
         need(self.image_size >= 16, f"image_size must be >= 16, got {self.image_size}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -105,10 +108,11 @@ class TrainConfig:
 def build_datasets(cfg: TrainConfig, augment_rng: np.random.Generator):
     """The training set (augmented with ``augment_rng``) and the validation set (never augmented)."""
     transform = train_transform(cfg.image_size) if cfg.augment else None
-    if cfg.data == "shapes":
+    if cfg.data in SYNTHETIC_DATA:
+        variant = SYNTHETIC_DATA[cfg.data]
         return (SyntheticShapes(cfg.train_size, cfg.image_size, seed=cfg.seed, split=0, transform=transform,
-                                rng=augment_rng),
-                SyntheticShapes(cfg.val_size, cfg.image_size, seed=cfg.seed, split=1))
+                                rng=augment_rng, variant=variant),
+                SyntheticShapes(cfg.val_size, cfg.image_size, seed=cfg.seed, split=1, variant=variant))
     root = Path(cfg.data)
     if (root / "train").is_dir() and (root / "val").is_dir():
         return (FolderDataset(root / "train", cfg.image_size, transform=transform, rng=augment_rng),
@@ -124,18 +128,20 @@ def build_datasets(cfg: TrainConfig, augment_rng: np.random.Generator):
 
 def evaluate(model, loader, loss_fn=None, threshold: float = 0.5, device: str = "cpu", progress: bool = False):
     """Metrics of ``model`` (put in eval mode) over ``loader``: IoU, Dice, precision, recall, accuracy, counts,
-    and the mean ``loss`` when ``loss_fn`` is given."""
+    Boundary IoU and trimap IoU (``metrics.BoundaryMeter``), and the mean ``loss`` when ``loss_fn`` is given."""
     from tqdm import tqdm
     model.eval()
-    meter, loss_sum, batches = ConfusionMeter(threshold), 0.0, 0
+    meter, boundary, loss_sum, batches = ConfusionMeter(threshold), BoundaryMeter(threshold), 0.0, 0
     for images, masks in tqdm(loader, desc="validate", leave=False, disable=not progress):
         x, t = to_device(images, device), to_device(masks, device)
         logits = model(x)
         if loss_fn is not None:
             loss_sum += float(loss_fn(logits, t))
-        meter.update(sigmoid(logits), t)
+        probs = sigmoid(logits)
+        meter.update(probs, t)
+        boundary.update(probs, t)
         batches += 1
-    out = meter.compute()
+    out = {**meter.compute(), **boundary.compute()}
     if loss_fn is not None:
         out["loss"] = loss_sum / max(batches, 1)
     return out
@@ -359,7 +365,7 @@ class Trainer:
         row = {"epoch": self.epoch + 1, "step": self.global_step, "lr": self.optimizer.lr,
                "train_loss": r["loss_sum"] / max(r["count"], 1), "train_iou": self._running_iou(),
                "val_loss": val["loss"], "seconds": round(r["seconds"], 2),
-               **{f"val_{k}": val[k] for k in ("iou", "dice", "precision", "recall", "accuracy")}}
+               **{f"val_{k}": val[k] for k in ("iou", "dice", "precision", "recall", "accuracy", "boundary_iou")}}
         self.history.append(row)
         self.epoch, self.epoch_order, self.step_in_epoch = self.epoch + 1, None, 0
         if self.log:
