@@ -42,7 +42,8 @@ def _positive(kind):
 def _add_train(sub):
     p = sub.add_parser("train", help="train a DeepLabV3 (progress bars, checkpoints, figures)")
     a = p.add_argument
-    a("--data", help="'shapes' (synthetic, default) or a folder with images/ and masks/ (or train/ and val/)")
+    a("--data", help="'shapes' (synthetic, default), 'shapes-fine' or 'shapes-context' (variants, docs/experiments.md), "
+                     "or a folder with images/ and masks/ (or train/ and val/)")
     a("--model", choices=("densenet121", "small"), help="densenet121 (default) or the tiny 'small' config")
     a("--output-stride", type=int, choices=(8, 16, 32), help="backbone output stride (default 16)")
     a("--image-size", type=_positive(int), help="training image side in pixels (default 96)")
