@@ -105,7 +105,7 @@ def render_fine(rng: np.random.Generator, size: int, max_objects: int = 6, empty
         region = fine_mask(rng, str(rng.choice(FINE_KINDS, p=(0.4, 0.2, 0.2, 0.2))), u, v)
         image[region] = _far_colour(rng, used, 0.35)
         mask |= region
-    sigma = rng.uniform(0.01, noise)
+    sigma = rng.uniform(min(0.01, noise), noise)
     image = image + sigma * rng.standard_normal(image.shape).astype(np.float32)
     return np.clip(image, 0, 1).astype(np.float32), mask.astype(np.float32)
 
@@ -143,6 +143,6 @@ def render_context(rng: np.random.Generator, size: int, max_objects: int = 3, em
     border[f:size - f, f:size - f] = False
     image[border] = cue
     mask[border] = False
-    sigma = rng.uniform(0.01, noise)
+    sigma = rng.uniform(min(0.01, noise), noise)
     image = image + sigma * rng.standard_normal(image.shape).astype(np.float32)
     return np.clip(image, 0, 1).astype(np.float32), mask.astype(np.float32)
