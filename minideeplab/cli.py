@@ -92,13 +92,27 @@ def _add_predict(sub):
     p.set_defaults(func=cmd_predict)
 
 
+def _add_experiment(sub):
+    sub.add_parser("experiment", help="output stride, eval stride, ASPP and test-time experiments over several "
+                                      "seeds (see 'minideeplab experiment --help')")
+
+
+def cmd_experiment(argv) -> int:
+    from . import experiments
+    try:
+        return int(experiments.main(list(argv)) or 0)
+    except SystemExit as e:          # --help (0) or a usage error (2, already printed on one line)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="minideeplab", description="DeepLabV3 + DenseNet121 on NumPy/CuPy, for binary masks.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,bench,experiment}")
     _add_train(sub)
     _add_evaluate(sub)
     _add_predict(sub)
     sub.add_parser("bench", help="performance benchmarks (minideeplab.bench; see 'minideeplab bench --help')")
+    _add_experiment(sub)
     return parser
 
 
@@ -235,6 +249,8 @@ def main(argv=None) -> int:
     try:
         if command == "bench":
             return cmd_bench(argv[1:])
+        if command == "experiment":
+            return cmd_experiment(argv[1:])
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as e:          # --help (0) or a usage error (2, already printed)
