@@ -13,8 +13,8 @@ Experiments (docs/experiments.md has the design and the results):
 - ``output-stride``: train at output stride 32, 16 and 8 on the fine-structure data; also seconds per training step
   and the peak memory of a step.
 - ``eval-stride``: train at 16, evaluate at 16 and at 8 (same weights); train at 8 as the reference.
-- ``aspp``: on the context data, 1×1 branch only / ASPP without image pooling / with it / with rates too large for
-  the feature map (every off-centre tap reads padding: the 3×3 branches become 1×1 convolutions).
+- ``aspp``: on the context data, 1×1 branch only / 1×1 + image pooling / ASPP without image pooling / with it / with
+  rates too large for the feature map (every off-centre tap reads padding: the 3×3 branches become 1×1 convolutions).
 - ``test-time``: single scale, flip, multi-scale (0.5-1.75), multi-scale + flip, all on one model per seed.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 from .inference import PAPER_SCALES, evaluate_model, predict_proba
 from .train import TrainConfig
 
-DEFAULTS = dict(model="small", image_size=96, epochs=8, train_size=320, val_size=64, batch_size=8)
+DEFAULTS = dict(model="small", image_size=96, epochs=12, train_size=320, val_size=64, batch_size=8)
 QUICK = dict(image_size=32, epochs=1, train_size=8, val_size=4, batch_size=4)   # the pipeline in seconds (tests)
 FIGURE_IMAGES = 4
 
@@ -66,6 +66,7 @@ class Experiment:
     data: str
     variants: tuple          # of Variant, or a function (image_size, output_stride) -> tuple of Variant
     baseline: int = 0        # the variant the others are compared with (paired per-seed differences)
+    settings: dict = field(default_factory=dict)      # overrides DEFAULTS (not --quick nor the command line)
 
 
 def _aspp_variants(image_size: int, output_stride: int = 16) -> tuple:
@@ -73,6 +74,7 @@ def _aspp_variants(image_size: int, output_stride: int = 16) -> tuple:
     fit = tuple(max(1, round(s * f)) for f in (1 / 6, 1 / 3, 1 / 2))
     large = (s, 2 * s, 3 * s)                                 # every off-centre tap falls outside the map
     return (Variant("1x1 only (no ASPP)", {"rates": (), "image_pooling": False}),
+            Variant("1x1 + pooling", {"rates": ()}),
             Variant(f"ASPP {fit}, no pooling", {"rates": fit, "image_pooling": False}),
             Variant(f"ASPP {fit} + pooling", {"rates": fit}),
             Variant(f"ASPP {large} + pooling", {"rates": large}))
@@ -89,7 +91,8 @@ EXPERIMENTS = {e.name: e for e in (
                                Variant("train 8, eval 8", {"output_stride": 8}))),
     Experiment("aspp", "ASPP and image pooling on the context data",
                "image pooling gives every pixel the whole image's context; atrous rates larger than the feature "
-               "map degenerate to 1x1 convolutions", "shapes-context", _aspp_variants, baseline=2),
+               "map degenerate to 1x1 convolutions", "shapes-context", _aspp_variants, baseline=3,
+               settings={"epochs": 16}),
     Experiment("test-time", "Multi-scale and flip inference",
                "averaging over input scales and mirror images improves the prediction of the same model",
                "shapes", (Variant("single scale"), Variant("flip", {}, {"flip": True}),
@@ -227,7 +230,8 @@ def main(argv=None) -> int:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     exp = EXPERIMENTS[args.name]
     known = {f.name for f in fields(TrainConfig)}
-    settings = {**DEFAULTS, **(QUICK if args.quick else {}), "model": args.model, "device": args.device}
+    settings = {**DEFAULTS, **exp.settings, **(QUICK if args.quick else {}), "model": args.model,
+                "device": args.device}
     settings.update({k: v for k, v in vars(args).items() if k in known and v is not None and k != "model"})
     out = Path(args.out or Path("runs") / "experiments" / exp.name)
     command = "minideeplab experiment " + " ".join(sys.argv[2:] if argv is None else [str(a) for a in argv])

@@ -3,10 +3,10 @@
 - ``render_fine``: thin bars, small dots and sharp-cornered shapes, where *resolution* matters. A network that
   predicts at output stride 32 (a 3×3 grid of logits for a 96×96 image) cannot draw a 2-pixel line, however well it
   recognises it; at output stride 8 it has a 12×12 grid. Boundary IoU and trimap IoU measure the difference.
-- ``render_context``: whether a shape is foreground depends on a cue far from it: a frame around the image has the
-  colour of the foreground shapes; shapes of another colour are background. Both colours are drawn anew for every
-  image, so no local window around a shape can tell its class: only a receptive field that reaches the frame (a
-  large one, or image pooling) can.
+- ``render_context``: whether a shape is foreground depends on a cue far from it: shapes are red or blue, a frame
+  around the image is red or blue (at random), and the foreground is the shapes of the frame's colour. A red shape
+  is foreground in half of the images, so no local window around a shape can tell its class: only a receptive
+  field that reaches the frame (a large one, or image pooling) can.
 
 Like ``render_shapes``, each is a pure function of its Generator, vectorised over pixels (Python loops only over
 objects and polygon corners), and scales with ``size`` (every length is a fraction of the image side).
@@ -110,24 +110,29 @@ def render_fine(rng: np.random.Generator, size: int, max_objects: int = 6, empty
     return np.clip(image, 0, 1).astype(np.float32), mask.astype(np.float32)
 
 
+CUE_COLOURS = np.array([[0.85, 0.2, 0.2], [0.2, 0.35, 0.9]], dtype=np.float32)    # red-ish, blue-ish
+
+
 def render_context(rng: np.random.Generator, size: int, max_objects: int = 3, empty_prob: float = 0.1,
                    max_distractors: int = 3, noise: float = 0.03, frame: float = 0.06):
     """Draw one image whose labels depend on a far cue, and its mask.
 
-    Two colours A and B (at least 0.5 apart) are drawn per image. A frame ``frame`` of the side wide (6 %: 6 px at
-    96) around the image has colour A. The foreground is 1..``max_objects`` shapes of colour A (none with
-    probability ``empty_prob``); 1..``max_distractors`` shapes of colour B are background. Shapes are
-    ``render_shapes``' kinds at 60 % of their size, inside the frame; a later shape covers an earlier one (and takes
-    its pixels' label). The smooth background's two colours are at least 0.3 from A and B. Seen through a window
-    that does not reach the frame, an A shape and a B shape are the same kind of thing.
+    Shapes come in two colours, red-ish and blue-ish (``CUE_COLOURS``, each jittered by up to ±0.08 per channel per
+    image). A frame ``frame`` of the side wide (6 %: 6 px at 96) around the image has one of the two, drawn with
+    probability 1/2: the *cue*. The foreground is 1..``max_objects`` shapes of the cue's colour (none with probability
+    ``empty_prob``); 1..``max_distractors`` shapes of the other colour are background. Shapes are ``render_shapes``'
+    kinds at 60 % of their size, inside the frame; a later shape covers an earlier one (and takes its pixels'
+    label). The smooth background's two colours are at least 0.3 from both cue colours. Seen through a window that
+    does not reach the frame, a red shape is foreground in half of the images and background in the other half.
 
     Shapes:
         -> image (size, size, 3) float32 in [0, 1], mask (size, size) float32 in {0, 1}.
     """
     u, v = _grid(size)
-    cue = _palette(rng)[0]
-    other = _far_colour(rng, [cue], 0.5)
-    back = [_far_colour(rng, [cue, other], 0.3) for _ in range(2)]
+    colours = np.clip(CUE_COLOURS + rng.uniform(-0.08, 0.08, size=(2, 3)), 0, 1).astype(np.float32)
+    c = int(rng.integers(0, 2))
+    cue, other = colours[c], colours[1 - c]
+    back = [_far_colour(rng, list(CUE_COLOURS), 0.3) for _ in range(2)]
     image = _smooth_background(rng, size, back)
     n_cue = 0 if rng.random() < empty_prob else int(rng.integers(1, max_objects + 1))
     labels = rng.permutation([True] * n_cue + [False] * int(rng.integers(1, max_distractors + 1)))
