@@ -45,7 +45,8 @@ def _positive(kind):
 def _add_train(sub):
     p = sub.add_parser("train", help="train a DeepLabV3 (progress bars, checkpoints, figures)")
     a = p.add_argument
-    a("--data", help="'shapes' (synthetic, default) or a folder with images/ and masks/ (or train/ and val/)")
+    a("--data", help="'shapes' (synthetic, default), 'shapes-fine' or 'shapes-context' (variants, docs/experiments.md), "
+                     "or a folder with images/ and masks/ (or train/ and val/)")
     a("--model", choices=("densenet121", "small"), help="densenet121 (default) or the tiny 'small' config")
     a("--output-stride", type=int, choices=(8, 16, 32), help="backbone output stride (default 16)")
     a("--image-size", type=_positive(int), help="training image side in pixels (default 96)")
@@ -110,14 +111,28 @@ def _add_exercises(sub):
     add_parser(sub)
 
 
+def _add_experiment(sub):
+    sub.add_parser("experiment", help="output stride, eval stride, ASPP and test-time experiments over several "
+                                      "seeds (see 'minideeplab experiment --help')")
+
+
+def cmd_experiment(argv) -> int:
+    from . import experiments
+    try:
+        return int(experiments.main(list(argv)) or 0)
+    except SystemExit as e:          # --help (0) or a usage error (2, already printed on one line)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="minideeplab", description="DeepLabV3 + DenseNet121 on NumPy/CuPy, for binary masks.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,bench,exercises}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,bench,exercises,experiment}")
     _add_train(sub)
     _add_evaluate(sub)
     _add_predict(sub)
     sub.add_parser("bench", help="performance benchmarks (minideeplab.bench; see 'minideeplab bench --help')")
     _add_exercises(sub)
+    _add_experiment(sub)
     return parser
 
 
@@ -347,6 +362,8 @@ def main(argv=None) -> int:
     try:
         if command == "bench":
             return cmd_bench(argv[1:])
+        if command == "experiment":
+            return cmd_experiment(argv[1:])
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as e:          # --help (0) or a usage error (2, already printed)

@@ -34,7 +34,7 @@ from torch.utils.data import DistributedSampler
 from .checkpoint import generator_state, load_checkpoint, save_checkpoint, set_generator_state
 from .data import DataLoader
 from .io import atomic_write
-from .metrics import COUNT_NAMES, ConfusionMeter
+from .metrics import COUNT_NAMES, BoundaryMeter, ConfusionMeter
 from .models import DeepLabConfig, build_deeplab
 from .torch_oracle import to_torch
 from .torch_run import (
@@ -225,7 +225,7 @@ class _Run:
                    "train_loss": r["loss_sum"] / max(r["count"], 1),
                    "train_iou": self.meter.compute()["iou"] if self.meter.total else 1.0,
                    "val_loss": val["loss"], "seconds": round(r["seconds"], 2),
-                   **{f"val_{k}": val[k] for k in ("iou", "dice", "precision", "recall", "accuracy")}}
+                   **{f"val_{k}": val[k] for k in ("iou", "dice", "precision", "recall", "accuracy", "boundary_iou")}}
             self.history.append(row)
             if self.log:
                 self.log(f"epoch {row['epoch']}/{self.cfg.epochs}: train loss {row['train_loss']:.4f} | val loss "
@@ -242,14 +242,17 @@ class _Run:
     def validate(self) -> dict:
         """``train.evaluate`` on the torch model: the same loader, metrics and per-batch loss."""
         self.tmodel.eval()
-        meter, loss_sum, batches = ConfusionMeter(self.cfg.threshold), 0.0, 0
+        meter, boundary = ConfusionMeter(self.cfg.threshold), BoundaryMeter(self.cfg.threshold)
+        loss_sum, batches = 0.0, 0
         for images, masks in DataLoader(self.val_set, self.cfg.batch_size):
             logits = self.tmodel(torch.from_numpy(images).to(self.dev))
             loss_sum += float(self.val_loss_fn(logits, torch.from_numpy(masks).to(self.dev)))
-            meter.update(torch.sigmoid(logits).cpu().numpy(), masks)
+            probs = torch.sigmoid(logits).cpu().numpy()
+            meter.update(probs, masks)
+            boundary.update(probs, masks)
             batches += 1
         self.tmodel.train()
-        return {**meter.compute(), "loss": loss_sum / max(batches, 1)}
+        return {**meter.compute(), **boundary.compute(), "loss": loss_sum / max(batches, 1)}
 
     # -- back to minideeplab -----------------------------------------------------------------------------------
     def save(self, path: Path) -> None:

@@ -37,12 +37,12 @@ import numpy as np
 
 from .backend import check_device, to_device, to_numpy
 from .checkpoint import generator_state, load_checkpoint, save_checkpoint, set_generator_state
-from .data import DataLoader, FolderDataset, Subset, SyntheticShapes, train_transform
+from .data import SYNTHETIC_DATA, DataLoader, FolderDataset, Subset, SyntheticShapes, train_transform
 from .data.decode import VOID_CHOICES
 from .data.run_data import check_data_fingerprint, dataset_fingerprint, folder_split
 from .finite import NonFiniteError, TrainingDiverged, check_logits, unhealthy_arrays
 from .losses import build_loss
-from .metrics import COUNT_NAMES, ConfusionMeter
+from .metrics import COUNT_NAMES, BoundaryMeter, ConfusionMeter
 from .models.densenet import min_input_size_for
 from .nn import sigmoid
 from .optim import build_optimizer, build_scheduler
@@ -58,9 +58,10 @@ class TrainConfig:
     """Everything that defines a training run (stored in every checkpoint as JSON).
 
     Args:
-        data: "shapes" (SyntheticShapes) or a folder (``root/images`` + ``root/masks``, or ``root/train`` and
-            ``root/val`` each with that layout; a single folder is split with ``val_fraction``). A relative folder
-            is made absolute when the config is created, so a run resumes from any working directory.
+        data: "shapes" (SyntheticShapes), "shapes-fine" / "shapes-context" (its variants, docs/experiments.md) or
+            a folder (``root/images`` + ``root/masks``, or ``root/train`` and ``root/val`` each with that layout; a
+            single folder is split with ``val_fraction``). A relative folder is made absolute when
+            the config is created, so a run resumes from any working directory.
         model: "densenet121" (DeepLabConfig defaults) or "small" (DeepLabConfig.small).
         output_stride, image_size, epochs, batch_size, lr, optimizer, weight_decay, scheduler, warmup_steps, loss:
             the usual; the schedule steps once per iteration.
@@ -94,12 +95,15 @@ class TrainConfig:
     seed: int = 0
     threshold: float = 0.5
     mask_void: str = "background"
-
-    def __post_init__(self):
-        if isinstance(self.data, (str, os.PathLike)) and os.fspath(self.data) != "shapes":
-            self.data = os.path.abspath(os.fspath(self.data))
     cuda_graph: bool = True
     backbone_weights: str | None = None
+
+    def __post_init__(self):
+        data = os.fspath(self.data) if isinstance(self.data, (str, os.PathLike)) else None
+        # a folder is stored absolute; a synthetic name stays, and so does a mistyped one ("shapes-thin", no such
+        # folder), for validate() to name the synthetic sets
+        if data is not None and data not in SYNTHETIC_DATA and (os.path.exists(data) or not data.startswith("shapes")):
+            self.data = os.path.abspath(data)
 
     def validate(self) -> TrainConfig:
         """Raise ValueError with a clear message for an invalid setting; return self."""
@@ -107,6 +111,8 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig: {msg}")
         need(self.model in MODELS, f"model must be one of {MODELS}, got {self.model!r}")
+        need(not self.data.startswith("shapes") or self.data in SYNTHETIC_DATA,
+             f"data {self.data!r}: the synthetic sets are {tuple(SYNTHETIC_DATA)} (a folder: ./{self.data})")
         need(self.output_stride in (8, 16, 32), f"output_stride must be 8, 16 or 32, got {self.output_stride}")
         smallest = min_input_size_for(self.output_stride)      # 5, 13, 29 px: computed from the layers
         need(self.image_size >= smallest, f"image_size {self.image_size} is too small at output stride "
@@ -143,10 +149,11 @@ def build_datasets(cfg: TrainConfig, augment_rng: np.random.Generator, progress:
     """The training set (augmented with ``augment_rng``) and the validation set (never augmented). Folders are
     decoded and checked file by file here (``FolderDataset.verify``), before any training step."""
     transform = train_transform(cfg.image_size) if cfg.augment else None
-    if cfg.data == "shapes":
+    if cfg.data in SYNTHETIC_DATA:
+        variant = SYNTHETIC_DATA[cfg.data]
         return (SyntheticShapes(cfg.train_size, cfg.image_size, seed=cfg.seed, split=0, transform=transform,
-                                rng=augment_rng),
-                SyntheticShapes(cfg.val_size, cfg.image_size, seed=cfg.seed, split=1))
+                                rng=augment_rng, variant=variant),
+                SyntheticShapes(cfg.val_size, cfg.image_size, seed=cfg.seed, split=1, variant=variant))
     root = Path(cfg.data)
     kw = {"mask_void": cfg.mask_void, "progress": progress}
     if (root / "train").is_dir() and (root / "val").is_dir():
@@ -161,20 +168,22 @@ def build_datasets(cfg: TrainConfig, augment_rng: np.random.Generator, progress:
 
 def evaluate(model, loader, loss_fn=None, threshold: float = 0.5, device: str = "cpu", progress: bool = False):
     """Metrics of ``model`` (put in eval mode) over ``loader``: IoU, Dice, precision, recall, accuracy, counts,
-    and the mean ``loss`` when ``loss_fn`` is given. Raises ``finite.NonFiniteError`` when the logits are not finite
-    (a diverged checkpoint)."""
+    Boundary IoU and trimap IoU (``metrics.BoundaryMeter``), and the mean ``loss`` when ``loss_fn`` is given. Raises
+    ``finite.NonFiniteError`` when the logits are not finite (a diverged checkpoint)."""
     from tqdm import tqdm
     model.eval()
-    meter, loss_sum, batches = ConfusionMeter(threshold), 0.0, 0
+    meter, boundary, loss_sum, batches = ConfusionMeter(threshold), BoundaryMeter(threshold), 0.0, 0
     for images, masks in tqdm(loader, desc="validate", leave=False, disable=not progress):
         x, t = to_device(images, device), to_device(masks, device)
         logits = model(x)
         check_logits(logits)
         if loss_fn is not None:
             loss_sum += float(loss_fn(logits, t))
-        meter.update(sigmoid(logits), t)
+        probs = sigmoid(logits)
+        meter.update(probs, t)
+        boundary.update(probs, t)
         batches += 1
-    out = meter.compute()
+    out = {**meter.compute(), **boundary.compute()}
     if loss_fn is not None:
         out["loss"] = loss_sum / max(batches, 1)
     return out
@@ -453,7 +462,7 @@ class Trainer(RunKeeping):
         row = {"epoch": self.epoch + 1, "step": self.global_step, "lr": self.optimizer.lr,
                "train_loss": r["loss_sum"] / max(r["count"], 1), "train_iou": self._running_iou(),
                "val_loss": val["loss"], "seconds": round(r["seconds"], 2),
-               **{f"val_{k}": val[k] for k in ("iou", "dice", "precision", "recall", "accuracy")}}
+               **{f"val_{k}": val[k] for k in ("iou", "dice", "precision", "recall", "accuracy", "boundary_iou")}}
         self.history.append(row)
         self.epoch, self.epoch_order, self.step_in_epoch = self.epoch + 1, None, 0
         improved = row["val_iou"] > self.best_iou

@@ -18,7 +18,7 @@ from .io import atomic_write, copy_file, read_meta
 from .runfolder import EXIT_SIGPIPE, Interrupted, RunFolder, run_id_of, stderr_line
 
 HISTORY_FIELDS = ("epoch", "step", "lr", "train_loss", "train_iou", "val_loss", "val_iou", "val_dice",
-                  "val_precision", "val_recall", "val_accuracy", "seconds")
+                  "val_precision", "val_recall", "val_accuracy", "val_boundary_iou", "seconds")
 
 
 def write_history(path: Path, history: list) -> None:

@@ -126,7 +126,8 @@ def _walk(module, name: str, src: int, graph: Graph, resize_to=None) -> int:
         out = _join(graph, f"{name} (concat)", feats)
     elif kind == "ASPP":
         outs = [_walk(b, f"{sub('branches')}.{i}", src, graph) for i, b in enumerate(module.branches)]
-        outs.append(_walk(module.pooling, sub("pooling"), src, graph, resize_to=graph.size(src)))
+        if module.pooling is not None:          # None: the ablation without image pooling
+            outs.append(_walk(module.pooling, sub("pooling"), src, graph, resize_to=graph.size(src)))
         joined = _join(graph, sub("concat"), outs)
         out = _walk(module.project, sub("project"), joined, graph)
     elif children:

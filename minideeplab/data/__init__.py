@@ -4,7 +4,8 @@ Items are ``(image (3, H, W) float32 ImageNet-normalised, mask (1, H, W) float32
 """
 from .folder import FolderDataset, load_image, load_mask
 from .loader import ConcatDataset, DataLoader, SegmentationDataset, Subset
-from .synthetic import SyntheticShapes, render_shapes
+from .synthetic import SYNTHETIC_DATA, SyntheticShapes, render_shapes
+from .synthetic_variants import render_context, render_fine
 from .transforms import (
                          IMAGENET_MEAN,
                          IMAGENET_STD,
@@ -31,6 +32,7 @@ __all__ = [
                          "RandomHorizontalFlip",
                          "RandomScaleCrop",
                          "Resize",
+                         "SYNTHETIC_DATA",
                          "SegmentationDataset",
                          "Subset",
                          "SyntheticShapes",
@@ -38,6 +40,8 @@ __all__ = [
                          "load_image",
                          "load_mask",
                          "normalize",
+                         "render_context",
+                         "render_fine",
                          "render_shapes",
                          "train_transform",
 ]

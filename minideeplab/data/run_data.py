@@ -17,7 +17,7 @@ import numpy as np
 
 from .folder import FolderDataset
 from .loader import ConcatDataset, Subset
-from .synthetic import SyntheticShapes
+from .synthetic import SYNTHETIC_DATA, SyntheticShapes
 
 
 def folder_split(cfg, n: int, root) -> tuple[np.ndarray, np.ndarray]:
@@ -41,15 +41,16 @@ def evaluation_set(cfg, data: str | None = None, split: str | None = None,
     is the run's ``dataset_fingerprint`` (from its checkpoint), to recognise a copy of its folder."""
     if split not in (None, "val", "train", "all"):
         raise ValueError(f"split must be 'val', 'train' or 'all', got {split!r}")
-    if data is None and cfg.data != "shapes" and not Path(cfg.data).is_dir():
+    if data is None and cfg.data not in SYNTHETIC_DATA and not Path(cfg.data).is_dir():
         raise ValueError(f"the run's data folder {cfg.data!r} is not there any more; name the data with --data")
-    data = cfg.data if data is None else (data if data == "shapes" else os.path.abspath(data))
+    data = cfg.data if data is None else (data if data in SYNTHETIC_DATA else os.path.abspath(data))
     size = cfg.image_size
-    if data == "shapes":
-        sets = {"train": SyntheticShapes(cfg.train_size, size, seed=cfg.seed, split=0),
-                "val": SyntheticShapes(cfg.val_size, size, seed=cfg.seed, split=1)}
+    if data in SYNTHETIC_DATA:
+        variant = SYNTHETIC_DATA[data]
+        sets = {"train": SyntheticShapes(cfg.train_size, size, seed=cfg.seed, split=0, variant=variant),
+                "val": SyntheticShapes(cfg.val_size, size, seed=cfg.seed, split=1, variant=variant)}
         split = split or "val"
-        what = f"SyntheticShapes (seed {cfg.seed})"
+        what = f"SyntheticShapes{'' if variant == 'default' else f' ({variant})'} (seed {cfg.seed})"
     else:
         root, kw = Path(data), {"mask_void": cfg.mask_void}
         if (root / "train").is_dir() and (root / "val").is_dir():

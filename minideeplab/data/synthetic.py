@@ -18,6 +18,9 @@ from .loader import SegmentationDataset
 from .transforms import resize_bilinear
 
 KINDS = ("ellipse", "polygon", "ring", "bar")
+VARIANTS = ("default", "fine", "context")
+# TrainConfig.data names of the synthetic sets -> SyntheticShapes variant
+SYNTHETIC_DATA = {"shapes": "default", "shapes-fine": "fine", "shapes-context": "context"}
 
 
 def _palette(rng, k: int = 1) -> np.ndarray:
@@ -130,8 +133,22 @@ def render_shapes(rng: np.random.Generator, size: int, max_objects: int = 3, emp
     return np.clip(image, 0, 1).astype(np.float32), mask.astype(np.float32)
 
 
+def renderer(variant: str):
+    """The function that draws one (image, mask) of ``variant``: "default" (``render_shapes``), "fine" or "context"
+    (``synthetic_variants``)."""
+    from .synthetic_variants import render_context, render_fine
+    table = {"default": render_shapes, "fine": render_fine, "context": render_context}
+    if variant not in table:
+        raise ValueError(f"SyntheticShapes: variant must be one of {VARIANTS}, got {variant!r}")
+    return table[variant]
+
+
 class SyntheticShapes(SegmentationDataset):
     """``n`` procedurally drawn images with textured objects (ellipses, polygons, rings, thin bars) and masks.
+
+    ``variant="fine"`` draws thin lines, dots and sharp corners instead (``synthetic_variants.render_fine``), and
+    ``variant="context"`` shapes whose class is given by the colour of a frame around the image
+    (``render_context``); see docs/experiments.md.
 
     Item ``i`` depends only on ``(seed, split, i)`` (``default_rng([seed, split, i])``). Transforms draw from
     ``rng`` instead, so augmentation varies while the underlying images stay fixed.
@@ -145,28 +162,35 @@ class SyntheticShapes(SegmentationDataset):
         seed: selects the set of images.
         split: a second key next to ``seed`` (the trainer uses 0 for training and 1 for validation, so the two
             sets never share an image whatever the seed).
-        max_objects, empty_prob, max_distractors, noise: see ``render_shapes``.
+        max_objects, empty_prob, max_distractors, noise: see ``render_shapes`` (or the variant's function); None
+            takes that function's default.
         transform, rng, normalize: see ``SegmentationDataset``.
+        variant: "default", "fine" or "context".
     """
 
-    def __init__(self, n: int, size: int = 128, seed: int = 0, split: int = 0, max_objects: int = 3,
-                 empty_prob: float = 0.1, max_distractors: int = 1, noise: float = 0.03, transform=None, rng=None,
-                 normalize: bool = True):
+    def __init__(self, n: int, size: int = 128, seed: int = 0, split: int = 0, max_objects: int | None = None,
+                 empty_prob: float | None = None, max_distractors: int | None = None, noise: float | None = None,
+                 transform=None, rng=None, normalize: bool = True, variant: str = "default"):
         super().__init__(transform, rng, normalize)
         if int(n) < 0 or int(size) < 8:
             raise ValueError(f"SyntheticShapes: need n >= 0 and size >= 8, got n={n}, size={size}")
         if int(seed) < 0 or int(split) < 0:
             raise ValueError(f"SyntheticShapes: seed and split must be non-negative ints, got {seed}, {split}")
         self.n, self.size, self.seed, self.split = int(n), int(size), int(seed), int(split)
-        self.options = {"max_objects": int(max_objects), "empty_prob": float(empty_prob),
-                        "max_distractors": int(max_distractors), "noise": float(noise)}
+        self.variant, self.render = variant, renderer(variant)
+        given = {"max_objects": max_objects, "empty_prob": empty_prob, "max_distractors": max_distractors,
+                 "noise": noise}
+        self.options = {k: type_(given[k]) for k, type_ in (("max_objects", int), ("empty_prob", float),
+                                                             ("max_distractors", int), ("noise", float))
+                        if given[k] is not None}
 
     def __len__(self) -> int:
         return self.n
 
     def raw(self, index: int):
         rng = np.random.default_rng([self.seed, self.split, index])
-        return render_shapes(rng, self.size, **self.options)
+        return self.render(rng, self.size, **self.options)
 
     def __repr__(self):
-        return f"SyntheticShapes(n={self.n}, size={self.size}, seed={self.seed}, split={self.split})"
+        variant = f", variant={self.variant!r}" if self.variant != "default" else ""
+        return f"SyntheticShapes(n={self.n}, size={self.size}, seed={self.seed}, split={self.split}{variant})"

@@ -65,15 +65,20 @@ class ASPP(Module):
     (``ASPPPooling``); each with BN + ReLU. Concat (5 * out_channels) → ``project``: 1×1 conv → BN → ReLU →
     Dropout(``dropout``, default 0.1 as in torchvision's DeepLabV3 head).
 
+    Ablations (the ``aspp`` experiment): ``rates=()`` keeps only the 1×1 branch, ``image_pooling=False`` drops the
+    pooling branch (``pooling`` is then None); the projection takes (1 + len(rates) + image_pooling) branches. The
+    default keeps torchvision's five branches and state-dict keys.
+
     Shapes: x: (N, C_in, H, W) -> out: (N, out_channels, H, W).
 
     Args:
         in_channels: C_in (1024 for DenseNet-121).
         out_channels: width of each branch and of the output (256 in the paper).
-        rates: the three atrous rates ((6, 12, 18) at output stride 16, doubled at 8).
+        rates: the atrous rates, one 3×3 branch each ((6, 12, 18) at output stride 16, doubled at 8).
         dropout: drop probability after the projection (0 disables it).
         rng: Generator for the conv init and the dropout masks.
         dtype: parameter dtype.
+        image_pooling: include the image-pooling branch.
 
     Textbook twin: ``minideeplab.textbook.ASPP``: the same branches, fork and join. The difference is in the layers:
     the atrous convs take the taps and kn2row paths (``nn.conv``), which skip what reads only padding: 181 ms against
@@ -82,35 +87,42 @@ class ASPP(Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int = 256, rates=(6, 12, 18), dropout: float = 0.1,
-                 rng: np.random.Generator | None = None, dtype=np.float32):
+                 rng: np.random.Generator | None = None, dtype=np.float32, image_pooling: bool = True):
         super().__init__()
         rates = tuple(int(r) for r in rates)
-        if len(rates) != 3 or min(rates) < 1:
-            raise ValueError(f"ASPP: rates must be three positive ints, got {rates}")
+        if any(r < 1 for r in rates):
+            raise ValueError(f"ASPP: rates must be positive ints, got {rates}")
         rng = rng if rng is not None else np.random.default_rng()
         self.in_channels, self.out_channels, self.rates = int(in_channels), int(out_channels), rates
         self.branches = ModuleList([conv_bn_relu(in_channels, out_channels, 1, rng=rng, dtype=dtype)] +
                                    [conv_bn_relu(in_channels, out_channels, 3, r, rng=rng, dtype=dtype)
                                     for r in rates])
-        self.pooling = ASPPPooling(in_channels, out_channels, rng=rng, dtype=dtype)
+        self.pooling = ASPPPooling(in_channels, out_channels, rng=rng, dtype=dtype) if image_pooling else None
         self.concat = Concat(dim=1)
-        self.project = _Named(conv=Conv2d(5 * out_channels, out_channels, 1, bias=False, rng=rng, dtype=dtype),
+        n_branches = 1 + len(rates) + bool(image_pooling)
+        self.project = _Named(conv=Conv2d(n_branches * out_channels, out_channels, 1, bias=False, rng=rng,
+                                          dtype=dtype),
                               bn=BatchNorm2d(out_channels, dtype=dtype), relu=ReLU(inplace=True),
                               dropout=Dropout(dropout, rng=rng))
 
     def forward(self, x):
         check_input("ASPP", x, self.in_channels)
-        outs = [b(x) for b in self.branches] + [self.pooling(x)]
+        outs = [b(x) for b in self.branches] + ([self.pooling(x)] if self.pooling is not None else [])
         return self.project(self.concat(*outs))
 
     def backward(self, dout):
-        # The concat splits the gradient into one slice per branch; the five branches all read the same x,
-        # so the gradient with respect to x is the *sum* of the five branch input-gradients (the fork).
+        # The concat splits the gradient into one slice per branch; the branches all read the same x,
+        # so the gradient with respect to x is the *sum* of the branch input-gradients (the fork).
         parts = self.concat.backward(self.project.backward(dout))
-        dx = self.pooling.backward(parts[4])
-        for branch, d in zip(self.branches, parts[:4]):
-            dx += branch.backward(d)
+        dx = self.pooling.backward(parts[-1]) if self.pooling is not None else None
+        for branch, d in zip(self.branches, parts):
+            g = branch.backward(d)
+            if dx is None:
+                dx = g
+            else:
+                dx += g
         return dx
 
     def extra_repr(self):
-        return f"{self.in_channels}, {self.out_channels}, rates={self.rates}"
+        pooling = "" if self.pooling is not None else ", image_pooling=False"
+        return f"{self.in_channels}, {self.out_channels}, rates={self.rates}{pooling}"

@@ -22,6 +22,8 @@ class DeepLabConfig:
         rates: the three atrous rates; None means (6, 12, 18) * 16 / output_stride.
         num_classes: output channels (1 for binary segmentation).
         dropout: drop probability after the ASPP projection.
+        image_pooling: keep ASPP's image-pooling branch (False, and ``rates=()`` for no atrous branch: the
+            ablations of the ``aspp`` experiment).
     """
     growth_rate: int = 32
     block_config: tuple = (6, 12, 24, 16)
@@ -32,6 +34,7 @@ class DeepLabConfig:
     rates: tuple | None = None
     num_classes: int = 1
     dropout: float = 0.1
+    image_pooling: bool = True
 
     def __post_init__(self):
         check_output_stride(self.output_stride)
@@ -56,8 +59,13 @@ class DeepLabConfig:
         return cls(**kw)
 
     def to_dict(self) -> dict:
-        """A JSON-able dict (tuples become lists)."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        """A JSON-able dict (tuples become lists). Fields added later (``image_pooling``) are written only when they
+        differ from their default, so a default model's saved config is the same as before they existed (``io.load``
+        compares saved and current configs key by key)."""
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        if d["image_pooling"]:
+            del d["image_pooling"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> DeepLabConfig:

@@ -34,6 +34,7 @@ class DeepLabV3(Module):
         rates: atrous rates; None means (6, 12, 18) * 16 / output_stride, i.e. (12, 24, 36) at 8.
         aspp_channels: ASPP width. dropout: after the ASPP projection.
         rng, dtype: initialisation Generator and parameter dtype.
+        image_pooling: keep ASPP's image-pooling branch.
 
     Textbook twin: ``minideeplab.textbook.DeepLabV3`` (``textbook.deeplabv3_densenet121``, ``textbook.build_deeplab``):
     the same modules, state-dict keys and, from the same Generator, initial weights, built from the plain layers;
@@ -41,11 +42,14 @@ class DeepLabV3(Module):
     that makes this one faster is in its layers (their docstrings; docs/fast_paths.md): the OS 16 training step on
     2x3x256x256, one thread, takes 1.14 s of CPU time against the textbook's 2.37, with 694 MiB peak memory against
     1301 (``minideeplab bench --textbook``, benchmarks/README.md).
+
+    ``set_output_stride(os)`` switches a built (or trained) model to another output stride with the same weights
+    (``models.set_output_stride``): DeepLabV3's "train at 16, evaluate at 8".
     """
 
     def __init__(self, backbone: DenseNet, num_classes: int = 1, output_stride: int = 16, rates=None,
                  aspp_channels: int = 256, dropout: float = 0.1, rng: np.random.Generator | None = None,
-                 dtype=np.float32):
+                 dtype=np.float32, image_pooling: bool = True):
         super().__init__()
         check_output_stride(output_stride)
         if getattr(backbone, "output_stride", output_stride) != output_stride:
@@ -55,7 +59,8 @@ class DeepLabV3(Module):
         rates = tuple(rates) if rates is not None else default_rates(output_stride)
         self.output_stride, self.rates, self.num_classes = output_stride, rates, int(num_classes)
         self.backbone = backbone
-        self.head = _Named(aspp=ASPP(backbone.out_channels, aspp_channels, rates, dropout, rng=rng, dtype=dtype),
+        self.head = _Named(aspp=ASPP(backbone.out_channels, aspp_channels, rates, dropout, rng=rng, dtype=dtype,
+                                     image_pooling=image_pooling),
                            classifier=Conv2d(aspp_channels, num_classes, 1, bias=True, rng=rng, dtype=dtype))
         self.upsample = Upsample(size=(1, 1), mode="bilinear", align_corners=False)
         self.config = None   # set by build_deeplab
@@ -92,6 +97,11 @@ class DeepLabV3(Module):
         """Boolean mask ``predict_proba(x) > threshold``, in the current mode (call ``eval()`` first)."""
         return self.predict_proba(x) > threshold
 
+    def set_output_stride(self, output_stride: int) -> DeepLabV3:
+        """Switch to ``output_stride`` (8, 16 or 32) keeping the weights; see ``models.set_output_stride``."""
+        from .stride import set_output_stride
+        return set_output_stride(self, output_stride)
+
     def extra_repr(self):
         return f"num_classes={self.num_classes}, output_stride={self.output_stride}, rates={self.rates}"
 
@@ -104,7 +114,8 @@ def build_deeplab(config: DeepLabConfig | None = None, rng: np.random.Generator 
     backbone = DenseNet(config.growth_rate, config.block_config, config.num_init_features, config.bn_size,
                         output_stride=config.output_stride, rng=rng, dtype=dtype)
     model = DeepLabV3(backbone, config.num_classes, config.output_stride, config.resolved_rates,
-                      config.aspp_channels, config.dropout, rng=rng, dtype=dtype)
+                      config.aspp_channels, config.dropout, rng=rng, dtype=dtype,
+                      image_pooling=config.image_pooling)
     model.config = config
     return model
 

@@ -15,6 +15,9 @@ from ..nn.fused import BNReLUConv1x1
 from ..nn.norm import batch_statistics
 
 OUTPUT_STRIDES = (8, 16, 32)
+# per output stride: which of the three transitions keep their 2×2 pooling, and the dilation of each dense block
+POOLED = {32: (True, True, True), 16: (True, True, False), 8: (True, False, False)}
+DILATIONS = {32: (1, 1, 1, 1), 16: (1, 1, 1, 2), 8: (1, 1, 2, 4)}
 
 
 def check_output_stride(output_stride) -> int:
@@ -403,9 +406,7 @@ class DenseNet(Module):
             raise ValueError(f"DenseNet: block_config must have 4 blocks (output strides are defined by its 3 "
                              f"transitions), got {block_config}")
         rng = rng if rng is not None else np.random.default_rng()
-        # which transitions keep their pooling, and the dilation of each block, per output stride
-        pooled = {32: (True, True, True), 16: (True, True, False), 8: (True, False, False)}[self.output_stride]
-        dilations = {32: (1, 1, 1, 1), 16: (1, 1, 1, 2), 8: (1, 1, 2, 4)}[self.output_stride]
+        pooled, dilations = POOLED[self.output_stride], DILATIONS[self.output_stride]
         self.block_config, self.growth_rate = block_config, int(growth_rate)
         features = _Named(
             conv0=Conv2d(3, num_init_features, 7, stride=2, padding=3, bias=False, rng=rng, dtype=dtype),
@@ -435,6 +436,11 @@ class DenseNet(Module):
     def backward(self, dout):
         self._backward_start()
         return self.features.backward(dout)
+
+    def set_output_stride(self, output_stride: int) -> DenseNet:
+        """Switch to ``output_stride`` keeping the weights; see ``models.set_output_stride``."""
+        from .stride import set_output_stride
+        return set_output_stride(self, output_stride)
 
     def extra_repr(self):
         return f"output_stride={self.output_stride}, out_channels={self.out_channels}"
