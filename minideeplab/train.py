@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -169,13 +170,20 @@ def build_datasets(cfg: TrainConfig, augment_rng: np.random.Generator, progress:
 def evaluate(model, loader, loss_fn=None, threshold: float = 0.5, device: str = "cpu", progress: bool = False):
     """Metrics of ``model`` (put in eval mode) over ``loader``: IoU, Dice, precision, recall, accuracy, counts,
     Boundary IoU and trimap IoU (``metrics.BoundaryMeter``), and the mean ``loss`` when ``loss_fn`` is given. Raises
-    ``finite.NonFiniteError`` when the logits are not finite (a diverged checkpoint)."""
+    ``finite.NonFiniteError`` when the logits are not finite (a diverged checkpoint).
+
+    A ``Module`` runs under ``nn.no_grad`` (nothing kept for a backward: an activation is freed once the next layer
+    has read it, and on the CPU the batch is split over the BLAS threads, ``nn.threads``); a captured eval step
+    (``graph_step.CapturedEvalStep``) replays its graph as it is."""
     from tqdm import tqdm
+
+    from .nn import Module, no_grad
     model.eval()
     meter, boundary, loss_sum, batches = ConfusionMeter(threshold), BoundaryMeter(threshold), 0.0, 0
     for images, masks in tqdm(loader, desc="validate", leave=False, disable=not progress):
         x, t = to_device(images, device), to_device(masks, device)
-        logits = model(x)
+        with no_grad() if isinstance(model, Module) else nullcontext():
+            logits = model(x)
         check_logits(logits)
         if loss_fn is not None:
             loss_sum += float(loss_fn(logits, t))
