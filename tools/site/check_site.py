@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 shot = (args.screenshot / f"{rel.parent.as_posix().replace('/', '_')}.png").resolve()
                 chromium(args.browser, ["--window-size=1280,2400", f"--virtual-time-budget={args.budget_ms}",
                                         f"--screenshot={shot}", url], timeout=120)
-                note += f", {shot.name}"
+                note = f"{note}, {shot.name}" if note else shot.name
             print(f"{str(rel.parent):58s} {got['imgs']:5d} {got['shown']:5d} {got['math']:5d}  {note}")
     finally:
         server.shutdown()
