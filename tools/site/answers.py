@@ -5,7 +5,7 @@ written questions and the code of the notebooks' small exercises in place, witho
 ``### END SOLUTION`` markers of their sources (``notebooks/cells/NN_*.py``). The site should let a student try a
 question before reading its answer, so the copy it renders is rewritten from the marked sources:
 
-- in a markdown cell, each answer becomes a collapsed ``<details class="answer">`` block (its ``### HINT:`` lines, if
+- in a markdown cell, each answer becomes a collapsed ``<details class="tip answer">`` block (its ``### HINT:`` lines, if
   any, stay visible above it);
 - in a code cell, the solution lines stay (the outputs below were computed with them) between two comment lines
   saying that a student's notebook has a stub there.
