@@ -188,3 +188,16 @@ def test_the_site_folds_the_written_answers_and_leaves_the_notebook_alone(tmp_pa
     proc = build(tmp_path, "qa_stale", pages, nav)
     assert proc.returncode != 0
     assert "01_qa.ipynb" in proc.stderr and "build_notebooks.py" in proc.stderr
+
+
+def test_every_notebook_is_what_its_cell_source_builds():
+    """The site rewrites each notebook cell by cell from notebooks/cells (answers folded), so a notebook edited by
+    hand or not rebuilt fails ``make docs``; this says so earlier, in ``make test``."""
+    from minideeplab.exercises.notebook import notebook_json, versioned_cells
+
+    sources = sorted((REPO / "notebooks" / "cells").glob("[0-9][0-9]_*.py"))
+    assert sources
+    stale = [s.stem for s in sources
+             if (REPO / "notebooks" / f"{s.stem}.ipynb").read_text(encoding="utf-8")
+             != notebook_json(versioned_cells(s.read_text(encoding="utf-8"), "instructor", str(s)), s.stem[:2])]
+    assert not stale, f"run python notebooks/build_notebooks.py: {stale} differ from their notebooks/cells source"
