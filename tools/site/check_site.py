@@ -7,11 +7,13 @@ through ``chromium --dump-dom`` the server appends one small observer script to 
 files on disk are not changed); the script writes them into attributes of ``<body>``.
 
 Fails (exit 1) when any image on any page does not decode, when a notebook page shows fewer figures than its
-executed notebook has image outputs, or when a notebook with formulas shows none typeset. CI does not run it (it
+executed notebook has image outputs, when a notebook with formulas shows none typeset, or when a Markdown page with
+formulas (pymdownx.arithmatex, e.g. the written questions) has fewer typeset than it has formulas. CI does not run it (it
 needs Chromium); the test suite checks the build itself (tests/test_site.py).
 
     python tools/site/check_site.py                      # after make docs
     python tools/site/check_site.py --screenshot build/site-shots
+    python tools/site/check_site.py --screenshot build/site-shots --page exercises --page questions
 """
 from __future__ import annotations
 
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site", type=Path, default=Path(__file__).resolve().parents[2] / "build" / "site")
     parser.add_argument("--browser", default=shutil.which("chromium") or "/usr/bin/chromium")
     parser.add_argument("--screenshot", type=Path, help="also save a PNG of every notebook page into this folder")
+    parser.add_argument("--page", action="append", default=[], metavar="PATH",
+                        help="with --screenshot, also a PNG of this page, e.g. source/minideeplab/textbook/conv")
     parser.add_argument("--budget-ms", type=int, default=20000, help="virtual time each page gets to settle")
     args = parser.parse_args(argv)
     if not (args.site / "index.html").is_file():
@@ -129,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
             url = base + rel.parent.as_posix() + "/" if rel.parent != Path(".") else base
             got = measure(args.browser, url, args.budget_ms, timeout=120)
             expected = notebook_expectations(args.site / rel.parent)
+            formulas = (args.site / rel).read_text(encoding="utf-8").count('class="arithmatex"')
             note = ""
+            if formulas:
+                note = f"{formulas} formulas"
+                if got["math"] < formulas:
+                    failures.append(f"{rel.parent}: {got['math']} of its {formulas} formulas typeset")
             if got["broken"] or got["shown"] < got["imgs"]:
                 failures.append(f"{rel.parent}: images that do not display: {got['broken'] or '(still loading)'}")
             if expected is not None:
@@ -139,12 +148,12 @@ def main(argv: list[str] | None = None) -> int:
                     failures.append(f"{rel.parent}: shows {got['shown']} figures, its notebook has {images}")
                 if math and got["math"] == 0:
                     failures.append(f"{rel.parent}: the notebook has formulas, none was typeset")
-                if args.screenshot:
-                    args.screenshot.mkdir(parents=True, exist_ok=True)
-                    shot = (args.screenshot / f"{rel.parent.name}.png").resolve()
-                    chromium(args.browser, ["--window-size=1280,2400", f"--virtual-time-budget={args.budget_ms}",
-                                            f"--screenshot={shot}", url], timeout=120)
-                    note += f", {shot.name}"
+            if args.screenshot and (expected is not None or rel.parent.as_posix() in args.page):
+                args.screenshot.mkdir(parents=True, exist_ok=True)
+                shot = (args.screenshot / f"{rel.parent.as_posix().replace('/', '_')}.png").resolve()
+                chromium(args.browser, ["--window-size=1280,2400", f"--virtual-time-budget={args.budget_ms}",
+                                        f"--screenshot={shot}", url], timeout=120)
+                note = f"{note}, {shot.name}" if note else shot.name
             print(f"{str(rel.parent):58s} {got['imgs']:5d} {got['shown']:5d} {got['math']:5d}  {note}")
     finally:
         server.shutdown()

@@ -8,6 +8,9 @@
   in full, highlighted, with linkable line numbers. One nav line per file, e.g. for a textbook layer
   ``- conv.py: source/minideeplab/textbook/conv.md``. A nav entry whose ``.py`` does not exist stays a missing
   page, which the strict build reports.
+- **Answers**: the site renders a copy of each executed notebook in which the written questions' answers are folded
+  in collapsed ``<details>`` blocks and the code solutions marked (``answers.py``); a nav entry ``questions.md``
+  (with no such file in ``docs/``) becomes the page of every notebook's written questions, answers folded.
 - **MathJax** for the notebooks' formulas is copied from the ``jupyter-server-mathjax`` package into
   ``assets/mathjax/``, so the site needs no network to build or to view.
 """
@@ -18,6 +21,7 @@ import re
 import shutil
 from pathlib import Path
 
+from answers import StaleNotebook, questions_page, site_notebook
 from execute_notebooks import NotebookError, executed_notebook, list_notebooks
 from mkdocs.exceptions import PluginError
 from mkdocs.plugins import event_priority
@@ -25,6 +29,7 @@ from mkdocs.structure.files import File, Files
 
 log = logging.getLogger("mkdocs.hooks.minideeplab")
 SOURCE_PAGE = re.compile(r"^source/(?P<path>.+)\.md$")
+QUESTIONS_PAGE = "questions.md"
 
 
 def _root(config) -> Path:
@@ -52,10 +57,18 @@ def source_page(rel_path: str, text: str) -> str:
     """Markdown for a page showing the file ``rel_path`` (its ``text``) in one highlighted code block."""
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     fence = "`" * max(3, longest + 1)
-    return (f"# `{rel_path}`\n\n"
+    return ("---\nhide:\n  - toc\n---\n\n"   # a page with one heading needs no table of contents: more room for code
+            f"# `{rel_path}`\n\n"
             f"The file `{rel_path}` of the checkout this site was built from, in full. "
             "Click a line number to get a link to that line.\n\n"
+            + (_solutions_note("../" * (rel_path.count("/") + 1)) if "### BEGIN SOLUTION" in text else "") +
             f'{fence}python linenums="1"\n{text.rstrip()}\n{fence}\n')
+
+
+def _solutions_note(to_docs: str) -> str:
+    return ("The lines between `### BEGIN SOLUTION` and `### END SOLUTION` are the solutions of the "
+            f"[exercises]({to_docs}exercises.md): a student's workspace (`minideeplab exercises new DIR`) has a stub "
+            "there. To try an exercise first, work in a workspace before reading on.\n\n")
 
 
 @event_priority(100)   # before mkdocs-jupyter's on_files, which turns the .ipynb files into pages
@@ -67,11 +80,14 @@ def on_files(files: Files, config) -> Files:
         for nb in notebooks:
             executed, seconds = executed_notebook(root, nb, short, log=log.info)
             ran += seconds is not None
+            # the page shows a copy with the written answers folded (answers.py), not the executed copy itself
+            shown = site_notebook(root, executed, executed.parents[2] / f"{executed.parents[1].name}-site"
+                                  / "notebooks" / nb.name)
             # A File whose src_dir holds notebooks/NN.ipynb (not File.generated: mkdocs-jupyter's wrapper
             # loses a generated file's abs_src_path)
-            files.append(File(f"notebooks/{nb.name}", src_dir=str(executed.parents[1]),
+            files.append(File(f"notebooks/{nb.name}", src_dir=str(shown.parents[1]),
                               dest_dir=config.site_dir, use_directory_urls=config.use_directory_urls))
-    except NotebookError as err:
+    except (NotebookError, StaleNotebook) as err:
         raise PluginError(str(err)) from None
     log.info("notebooks: %d in %s mode, %d executed now, %d unchanged since their last run",
              len(notebooks), "quick" if short else "full", ran, len(notebooks) - ran)
@@ -81,6 +97,8 @@ def on_files(files: Files, config) -> Files:
         if source is not None and source.is_file() and files.get_file_from_path(nav_path) is None:
             rel = source.relative_to(root).as_posix()
             files.append(File.generated(config, nav_path, content=source_page(rel, source.read_text(encoding="utf-8"))))
+    if QUESTIONS_PAGE in _nav_paths(config.nav) and files.get_file_from_path(QUESTIONS_PAGE) is None:
+        files.append(File.generated(config, QUESTIONS_PAGE, content=questions_page(root)))
     return files
 
 
