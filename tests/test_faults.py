@@ -13,6 +13,7 @@ send it real signals (``kill -INT/-TERM/-9``) or close its stdout.
 """
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +35,17 @@ from minideeplab.train import TrainConfig, Trainer
 TINY = {"model": "small", "image_size": 16, "batch_size": 2, "train_size": 4, "val_size": 2, "epochs": 2,
         "lr": 3e-3, "warmup_steps": 1, "seed": 3}
 ROOT = Path(__file__).resolve().parents[1]
+REAL_FSYNC = os.fsync
+
+
+@pytest.fixture(autouse=True)
+def _fsync_is_a_no_op():
+    """No case but those injecting at an fsync (``Inject``, moment "during", which calls the real one) tests
+    durability, and a real fsync costs milliseconds to seconds on a busy disk: elsewhere ``os.fsync`` does nothing.
+    Its own MonkeyPatch, set up before the test's (autouse), so that a test's ``monkeypatch.undo()`` keeps it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "fsync", lambda fd: None)
+        yield
 
 
 def _trainer(folder, figures=False, **kwargs):
@@ -55,8 +67,9 @@ def reference():
 
 
 def _check_folder(folder, best_may_be_newer=False, lock_may_remain=False, killed=False):
-    """The invariant above; returns last.npz's meta (None when the run died before its first save). ``killed``: after
-    kill -9, temporary files and the lock file may remain (the next run removes them) and best.npz may be newer."""
+    """The invariant above; returns last.npz as loaded (``checkpoint.Checkpoint``; None when the run died before its
+    first save). ``killed``: after kill -9, temporary files and the lock file may remain (the next run removes them)
+    and best.npz may be newer."""
     names = os.listdir(folder)
     assert killed or not [n for n in names if n.startswith(".tmp-")], names
     assert killed or lock_may_remain or ".lock" not in names, names
@@ -69,7 +82,7 @@ def _check_folder(folder, best_may_be_newer=False, lock_may_remain=False, killed
     meta = last.meta
     if not (folder / "best.npz").exists():
         assert meta["best_epoch"] is None, meta["best_epoch"]
-        return meta
+        return last
     best = load_checkpoint(folder / "best.npz")
     assert best.meta["run_id"] == meta["run_id"]
     assert not unhealthy_arrays(best.model_state.items())
@@ -78,17 +91,20 @@ def _check_folder(folder, best_may_be_newer=False, lock_may_remain=False, killed
     else:
         assert (best.meta["epoch"], best.meta["best_iou"]) == (meta["best_epoch"], meta["best_iou"])
         assert best.meta["step_in_epoch"] == 0 and best.meta["best_epoch"] == meta["best_epoch"]
-    return meta
+    return last
 
 
-def _resume_matches(folder, reference):
-    """Resume from folder/last.npz, finish, and compare with the uninterrupted run; the folder is then complete."""
+def _resume_matches(folder, reference, last=None):
+    """Resume from folder/last.npz, finish, and compare with the uninterrupted run; the folder is then complete.
+    ``last``: folder/last.npz as ``_check_folder`` just loaded it (not read a second time)."""
     weights, best_epoch, best_iou = reference
-    resumed = Trainer.from_checkpoint(folder / "last.npz", progress=False, figures=False)
+    resumed = Trainer.from_checkpoint(last if last is not None else folder / "last.npz", progress=False,
+                                      figures=False)
     resumed.fit()
-    different = [k for k in weights if not np.array_equal(weights[k], _weights(resumed)[k])]
+    final = _weights(resumed)
+    different = [k for k in weights if not np.array_equal(weights[k], final[k])]
     assert not different, different[:5]
-    meta = _check_folder(folder)
+    meta = _check_folder(folder).meta
     assert (meta["epoch"], meta["best_epoch"], meta["best_iou"]) == (TINY["epochs"], best_epoch, best_iou)
 
 
@@ -99,7 +115,7 @@ class Inject:
     def __init__(self, monkeypatch, target, occurrence, moment, action):
         self.target, self.occurrence, self.moment, self.action = target, occurrence, moment, action
         self.seen, self.fired = Counter(), False
-        real_replace, real_fsync = os.replace, os.fsync
+        real_replace, real_fsync = os.replace, (REAL_FSYNC if moment == "during" else os.fsync)
 
         def replace(src, dst, *args, **kwargs):
             hit = os.path.basename(os.fspath(dst)) == target and self._count("replace")
@@ -164,11 +180,12 @@ def test_crash_at_a_write(tmp_path, monkeypatch, reference, target, occurrence, 
         _trainer(tmp_path).fit()
     assert inject.fired
     monkeypatch.undo()
-    if _check_folder(tmp_path, best_may_be_newer=True) is None:
+    last = _check_folder(tmp_path, best_may_be_newer=True)
+    if last is None:
         _trainer(tmp_path).fit()                 # nothing was saved: the folder is free for a new run
         _check_folder(tmp_path)
     else:
-        _resume_matches(tmp_path, reference)
+        _resume_matches(tmp_path, reference, last)
 
 
 INT, TERM = signal.SIGINT, signal.SIGTERM
@@ -190,9 +207,9 @@ def test_signal_during_a_write(tmp_path, monkeypatch, reference, target, occurre
         _trainer(tmp_path).fit()
     assert inject.fired and info.value.exit_code == code
     monkeypatch.undo()
-    meta = _check_folder(tmp_path)
-    assert meta["epoch"] == (0 if (target, occurrence) == ("last.npz", 1) else 1)
-    _resume_matches(tmp_path, reference)
+    last = _check_folder(tmp_path)
+    assert last.meta["epoch"] == (0 if (target, occurrence) == ("last.npz", 1) else 1)
+    _resume_matches(tmp_path, reference, last)
 
 
 def _in_forward(trainer, action, training, call):
@@ -256,11 +273,12 @@ def test_signal_inside_the_loop(tmp_path, monkeypatch, reference, where, signals
     assert info.value.exit_code == (143 if signals[0] == signal.SIGTERM else 130)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler      # handlers restored
     monkeypatch.undo()
-    meta = _check_folder(tmp_path)
+    last = _check_folder(tmp_path)
+    meta = last.meta
     assert (meta["epoch"], meta["step_in_epoch"], meta["global_step"]) == saved
     assert where != "curves" or not (tmp_path / "curves.png").exists()
     if meta["epoch"] < TINY["epochs"]:
-        _resume_matches(tmp_path, reference)
+        _resume_matches(tmp_path, reference, last)
 
 
 def test_broken_pipe_in_the_log_stops_after_saving(tmp_path, reference):
@@ -272,9 +290,9 @@ def test_broken_pipe_in_the_log_stops_after_saving(tmp_path, reference):
     with pytest.raises(Interrupted) as info:
         trainer.fit()
     assert info.value.exit_code == 141 and "broken pipe" in str(info.value)
-    meta = _check_folder(tmp_path)
-    assert (meta["epoch"], meta["global_step"]) == (1, 2)
-    _resume_matches(tmp_path, reference)
+    last = _check_folder(tmp_path)
+    assert (last.meta["epoch"], last.meta["global_step"]) == (1, 2)
+    _resume_matches(tmp_path, reference, last)
 
 
 def test_broken_pipe_under_the_progress_bar(tmp_path, monkeypatch, reference):
@@ -292,8 +310,9 @@ def test_broken_pipe_under_the_progress_bar(tmp_path, monkeypatch, reference):
         trainer.fit()
     monkeypatch.undo()
     assert info.value.exit_code == 141
-    assert _check_folder(tmp_path)["global_step"] == 0
-    _resume_matches(tmp_path, reference)
+    last = _check_folder(tmp_path)
+    assert last.meta["global_step"] == 0
+    _resume_matches(tmp_path, reference, last)
 
 
 @pytest.mark.parametrize("target, occurrence, code", [("best.npz", 1, errno.ENOSPC), ("last.npz", 2, errno.ENOSPC),
@@ -308,8 +327,9 @@ def test_checkpoint_write_fails(tmp_path, monkeypatch, reference, target, occurr
     assert inject.fired and info.value.errno == code
     assert f"cannot write {str(tmp_path / target)!r}" in str(info.value) and ".tmp-" not in str(info.value)
     monkeypatch.undo()
-    if _check_folder(tmp_path, best_may_be_newer=True) is not None:
-        _resume_matches(tmp_path, reference)
+    last = _check_folder(tmp_path, best_may_be_newer=True)
+    if last is not None:
+        _resume_matches(tmp_path, reference, last)
 
 
 @pytest.mark.parametrize("target", ["history.csv", "curves.png", "predictions.png"])
@@ -322,7 +342,7 @@ def test_side_file_write_fails_with_a_warning(tmp_path, monkeypatch, target):
     trainer.fit()
     monkeypatch.undo()
     assert any(line.startswith("warning:") and target in line for line in lines), lines
-    assert _check_folder(tmp_path)["epoch"] == TINY["epochs"]
+    assert _check_folder(tmp_path).meta["epoch"] == TINY["epochs"]
 
 
 def _make_unwritable(monkeypatch, folder):
@@ -359,16 +379,29 @@ def test_read_only_folder_is_found_before_the_first_step(tmp_path, monkeypatch, 
         folder.chmod(0o755)
 
 
-def _finished_run(folder):
-    trainer = _trainer(folder)
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A run folder at the end of an uninterrupted run (as ``_trainer`` makes it), trained once for the module; and
+    its last.npz as it was after step 1 (step 0's) and after step 3 (epoch 1's, which records best epoch 1)."""
+    run = tmp_path_factory.mktemp("finished")
+    trainer = _trainer(run)
+    saved = {}
+    trainer.on_step_end = lambda t: saved.setdefault(t.global_step, (run / "last.npz").read_bytes())
     trainer.fit()
-    return trainer
+    return run, saved[1], saved[3]
 
 
-def test_folder_of_another_run_is_refused(tmp_path, capsys):
+def _finished_run(folder, finished):
+    """``folder`` (created) holds a copy of the finished run's files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in finished[0].iterdir():
+        shutil.copyfile(p, folder / p.name)
+
+
+def test_folder_of_another_run_is_refused(tmp_path, capsys, finished):
     """existing-run: a new run on the folder of a finished run is refused (API and CLI, one line naming the folder
     and the ways out) and leaves its files untouched; --overwrite replaces it."""
-    _finished_run(tmp_path)
+    _finished_run(tmp_path, finished)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with pytest.raises(RunFolderError, match="holds another run"):
         _trainer(tmp_path).fit()
@@ -380,19 +413,19 @@ def test_folder_of_another_run_is_refused(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     old_run = io.read_meta(tmp_path / "last.npz")["run_id"]
     assert main([*argv, "--overwrite"]) == 0
-    meta = _check_folder(tmp_path)
+    meta = _check_folder(tmp_path).meta
     assert meta["epoch"] == 1 and meta["run_id"] != old_run
 
 
-def test_resuming_an_older_checkpoint_into_its_folder_is_refused(tmp_path):
+def test_resuming_an_older_checkpoint_into_its_folder_is_refused(tmp_path, finished):
     """resume-backwards: resuming best.npz (epoch 1) into the folder whose last.npz is at epoch 2 would move the run
     backwards: refused unless --overwrite; resuming into another folder is fine."""
-    _finished_run(tmp_path)
+    _finished_run(tmp_path, finished)
     with pytest.raises(RunFolderError, match="later state of this run"):
         Trainer.from_checkpoint(tmp_path / "best.npz", progress=False, figures=False).fit()
     other = Trainer.from_checkpoint(tmp_path / "best.npz", out_dir=tmp_path / "again", progress=False, figures=False)
     other.fit()
-    assert _check_folder(tmp_path / "again")["epoch"] == TINY["epochs"]
+    assert _check_folder(tmp_path / "again").meta["epoch"] == TINY["epochs"]
 
 
 def test_a_locked_folder_is_refused(tmp_path, capsys):
@@ -457,21 +490,11 @@ def test_default_run_folders_are_unique(tmp_path):
     assert len(set(got)) == 16 and all(p.is_dir() for p in got)
 
 
-def _epoch1_checkpoint(tmp_path):
-    """A copy of last.npz at the end of epoch 1 (records best epoch 1) in a folder of its own, and the step-0 one."""
-    run = tmp_path / "run"
-    trainer = _trainer(run)
-    saved = {}
-    trainer.on_step_end = lambda t: saved.setdefault(t.global_step, (run / "last.npz").read_bytes())
-    trainer.fit()
-    return saved[1], saved[3]        # last.npz as it was after step 1 (step 0's) and after step 3 (epoch 1's)
-
-
 @pytest.mark.parametrize("best", ["missing", "stale"])
-def test_missing_or_stale_best_is_rewritten_on_resume(tmp_path, reference, best):
+def test_missing_or_stale_best_is_rewritten_on_resume(tmp_path, reference, finished, best):
     """best-<missing|stale>-on-resume: a folder whose last.npz records best epoch 1 but whose best.npz is missing or
     older (what the earlier write order left after a kill): resuming writes it before training, and it matches."""
-    step0, epoch1 = _epoch1_checkpoint(tmp_path)
+    _, step0, epoch1 = finished
     folder = tmp_path / "f"
     folder.mkdir()
     (folder / "last.npz").write_bytes(epoch1)
@@ -480,8 +503,7 @@ def test_missing_or_stale_best_is_rewritten_on_resume(tmp_path, reference, best)
     trainer = Trainer.from_checkpoint(folder / "last.npz", progress=False, figures=False)
     trainer.on_step_end = lambda t: _check_folder(folder, lock_may_remain=True)   # already right at step 3
     trainer.fit()
-    _check_folder(folder)
-    _resume_matches(folder, reference)
+    _resume_matches(folder, reference, _check_folder(folder))
 
 
 def test_resume_into_a_new_folder_gets_the_best_checkpoint(tmp_path, capsys):
@@ -494,8 +516,7 @@ def test_resume_into_a_new_folder_gets_the_best_checkpoint(tmp_path, capsys):
         trainer.fit()
     new = tmp_path / "new"
     assert main(["train", "--resume", str(run / "last.npz"), "--out", str(new), "--quiet"]) == 0
-    meta = _check_folder(new)
-    assert meta["epoch"] == TINY["epochs"]
+    assert _check_folder(new).meta["epoch"] == TINY["epochs"]
     claimed = capsys.readouterr().out.strip().splitlines()[-1]
     assert claimed.startswith(f"run folder {new}: ")
     assert all((new / name).exists() for name in claimed.split(": ", 1)[1].split(", "))
@@ -521,9 +542,9 @@ def test_divergence_nan_weights(tmp_path, reference):
     with pytest.raises(TrainingDiverged, match=r"at step 4 \(epoch 2\): the batch statistics of "
                        r"backbone.features.norm0 are not finite.*lower the learning rate"):
         trainer.fit()
-    meta = _check_folder(tmp_path)
-    assert meta["global_step"] == 2
-    _resume_matches(tmp_path, reference)
+    last = _check_folder(tmp_path)
+    assert last.meta["global_step"] == 2
+    _resume_matches(tmp_path, reference, last)
 
 
 @pytest.mark.parametrize("poison", ["weight-1e13", "running-var-inf", "val-loss-nan"])
@@ -551,7 +572,7 @@ def test_divergence_found_at_the_epoch_end(tmp_path, monkeypatch, poison):
         trainer.fit()
     assert {"weight-1e13": "reaches 1e+13", "running-var-inf": "norm0.running_var is not finite",
             "val-loss-nan": "validation loss is nan"}[poison] in str(info.value)
-    meta = _check_folder(tmp_path)
+    meta = _check_folder(tmp_path).meta
     assert (meta["epoch"], meta["global_step"], meta["best_epoch"]) == (1, 2, 1)
 
 
@@ -588,13 +609,13 @@ def test_batch_norm_refuses_a_non_finite_batch():
 
 
 @pytest.mark.parametrize("command", ["predict", "evaluate"])
-def test_predict_and_evaluate_refuse_non_finite_logits(tmp_path, capsys, command):
+def test_predict_and_evaluate_refuse_non_finite_logits(tmp_path, capsys, finished, command):
     """<command>-nan-checkpoint: a checkpoint with an Inf running variance (what a diverged run wrote before this
     fix): one line saying the logits are not finite, exit 1 (was '0 % foreground' / IoU 0)."""
     from PIL import Image
 
     from minideeplab.checkpoint import load_model
-    _finished_run(tmp_path / "run")
+    _finished_run(tmp_path / "run", finished)
     model, meta = load_model(tmp_path / "run" / "best.npz")
     model.head.classifier.weight.data[...] = np.nan
     io.save(model, tmp_path / "nan.npz", {"train_config": meta["train_config"]})
@@ -635,7 +656,7 @@ def _resume_two_steps(folder):
     resumed.on_step_end = lambda t: t.request_stop() if t.global_step == start + 2 else None
     with pytest.raises(Interrupted):
         resumed.fit()
-    assert _check_folder(folder)["global_step"] == start + 2
+    assert _check_folder(folder).meta["global_step"] == start + 2
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)],
