@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -628,25 +627,31 @@ def test_predict_and_evaluate_refuse_non_finite_logits(tmp_path, capsys, finishe
 
 
 # -- real processes and real signals ------------------------------------------------------------------------------
-LONG = ["--model", "small", "--image-size", "16", "--epochs", "50", "--batch-size", "2", "--train-size", "8",
-        "--val-size", "2", "--quiet", "--no-augment"]      # long enough never to finish before the signal
+# One epoch of 1000 steps: the signal always comes in the middle of epoch 1's training, never at an epoch end, so
+# that the process never spends seconds importing Matplotlib and drawing curves.png; a line per step says how far
+# it is (the first, "run folder: ...", is printed after last.npz of step 0 is written).
+LONG = ["--model", "small", "--image-size", "16", "--epochs", "1", "--batch-size", "2", "--train-size", "2000",
+        "--val-size", "2", "--quiet", "--no-augment", "--log-every", "1"]
 
 
-def _start(folder, **popen):
+def _start(folder):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "minideeplab.cli", "train", *LONG, "--out", str(folder)],
-                            env=env, stdout=popen.pop("stdout", subprocess.DEVNULL), stderr=subprocess.PIPE,
-                            text=True, **popen)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_steps(proc, folder, timeout=120):
-    """Until the run has saved step 0 and trained a little."""
-    end = time.monotonic() + timeout
-    while not (folder / "last.npz").exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < end
-        time.sleep(0.05)
-    time.sleep(0.5)
+def _wait_for_steps(proc, folder, steps=2):
+    """Until the run has saved step 0 and trained ``steps`` steps (it says so on stdout)."""
+    deadline = threading.Timer(120, proc.kill)         # a run that hangs: its stdout ends, the test fails
+    deadline.start()
+    try:
+        for line in proc.stdout:
+            if line.startswith(f"step {steps}/"):
+                assert (folder / "last.npz").exists()
+                return
+    finally:
+        deadline.cancel()
+    pytest.fail(f"the run ended before step {steps}: {proc.communicate(timeout=60)}")
 
 
 def _resume_two_steps(folder):
@@ -679,8 +684,8 @@ def test_real_signal_to_the_cli(tmp_path, signum, code):
 def test_closed_stdout_pipe(tmp_path):
     """process-broken-pipe: ``minideeplab train ... | head -1``: the reader closes the pipe after the first line; the
     run saves and exits 141 with no traceback, and resumes."""
-    proc = _start(tmp_path, stdout=subprocess.PIPE)
-    first = proc.stdout.readline()
+    proc = _start(tmp_path)
+    first = proc.stdout.readline()          # and the next one (step 1's log line) meets the closed pipe
     assert first.startswith("run folder:")
     proc.stdout.close()
     _, err = proc.communicate(timeout=300)
