@@ -10,6 +10,11 @@ Injection: ``os.replace`` / ``os.fsync`` are wrapped so that, at the chosen writ
 raised (``signal.raise_signal``, which runs the trainer's handler as a real signal would), an exception stands for a
 crash, or an ``OSError`` for a full disk or a read-only file system. A few cases run the CLI in a subprocess and
 send it real signals (``kill -INT/-TERM/-9``) or close its stdout.
+
+Speed (the suite runs in ``make test``): ``os.fsync`` is a no-op except in the cases that inject at it; the
+uninterrupted run and a finished run folder are trained once per module (fixtures ``reference``, ``finished``); a
+best.npz already checked is not read again while it is unchanged; the subprocesses are signalled mid-epoch, before
+they ever import Matplotlib.
 """
 import errno
 import os
@@ -162,6 +167,29 @@ class Inject:
         self.action()
 
 
+def _stops(trainer) -> Interrupted:
+    """``trainer.fit()``, which must end in ``runfolder.Interrupted``. A bare KeyboardInterrupt (a signal that cut
+    short work that cannot be rolled back, e.g. a checkpoint write) fails the case instead of ending the session."""
+    try:
+        trainer.fit()
+    except Interrupted as e:
+        return e
+    except KeyboardInterrupt as e:
+        pytest.fail(f"fit() ended in a bare {type(e).__name__}, not runfolder.Interrupted")
+    pytest.fail("fit() was not interrupted")
+
+
+@pytest.fixture(autouse=True)
+def _uncaught_sigterm_fails_the_case():
+    """A SIGTERM raised in this process that the trainer does not catch would end pytest (its default action):
+    here it fails the case instead. The trainer and the CLI put this handler back when they end."""
+    def uncaught(signum, frame):
+        pytest.fail("SIGTERM reached the test process: the trainer did not handle it")
+    previous = signal.signal(signal.SIGTERM, uncaught)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
 def _signal(*signums):
     def action():
         for s in signums:
@@ -217,9 +245,8 @@ def test_signal_during_a_write(tmp_path, monkeypatch, reference, target, occurre
     is being written: the write is never cut short, the run stops at the next safe point with the exit code of the
     first signal, and the folder is complete (best.npz matches exactly); resuming ends bit-identical."""
     inject = Inject(monkeypatch, target, occurrence, "during", _signal(*signals))
-    with pytest.raises(Interrupted) as info:
-        _trainer(tmp_path).fit()
-    assert inject.fired and info.value.exit_code == code
+    stop = _stops(_trainer(tmp_path))
+    assert inject.fired and stop.exit_code == code
     monkeypatch.undo()
     last = _check_folder(tmp_path)
     assert last.meta["epoch"] == (0 if (target, occurrence) == ("last.npz", 1) else 1)
@@ -282,9 +309,8 @@ def test_signal_inside_the_loop(tmp_path, monkeypatch, reference, where, signals
             action()
             return draw(*args, **kwargs)
         monkeypatch.setattr(plots, name, drawing)
-    with pytest.raises(Interrupted) as info:
-        trainer.fit()
-    assert info.value.exit_code == (143 if signals[0] == signal.SIGTERM else 130)
+    stop = _stops(trainer)
+    assert stop.exit_code == (143 if signals[0] == signal.SIGTERM else 130)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler      # handlers restored
     monkeypatch.undo()
     last = _check_folder(tmp_path)
