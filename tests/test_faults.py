@@ -10,14 +10,19 @@ Injection: ``os.replace`` / ``os.fsync`` are wrapped so that, at the chosen writ
 raised (``signal.raise_signal``, which runs the trainer's handler as a real signal would), an exception stands for a
 crash, or an ``OSError`` for a full disk or a read-only file system. A few cases run the CLI in a subprocess and
 send it real signals (``kill -INT/-TERM/-9``) or close its stdout.
+
+Speed (the suite runs in ``make test``): ``os.fsync`` is a no-op except in the cases that inject at it; the
+uninterrupted run and a finished run folder are trained once per module (fixtures ``reference``, ``finished``); a
+best.npz already checked is not read again while it is unchanged; the subprocesses are signalled mid-epoch, before
+they ever import Matplotlib.
 """
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -34,6 +39,17 @@ from minideeplab.train import TrainConfig, Trainer
 TINY = {"model": "small", "image_size": 16, "batch_size": 2, "train_size": 4, "val_size": 2, "epochs": 2,
         "lr": 3e-3, "warmup_steps": 1, "seed": 3}
 ROOT = Path(__file__).resolve().parents[1]
+REAL_FSYNC = os.fsync
+
+
+@pytest.fixture(autouse=True)
+def _fsync_is_a_no_op():
+    """No case but those injecting at an fsync (``Inject``, moment "during", which calls the real one) tests
+    durability, and a real fsync costs milliseconds to seconds on a busy disk: elsewhere ``os.fsync`` does nothing.
+    Its own MonkeyPatch, set up before the test's (autouse), so that a test's ``monkeypatch.undo()`` keeps it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "fsync", lambda fd: None)
+        yield
 
 
 def _trainer(folder, figures=False, **kwargs):
@@ -55,8 +71,9 @@ def reference():
 
 
 def _check_folder(folder, best_may_be_newer=False, lock_may_remain=False, killed=False):
-    """The invariant above; returns last.npz's meta (None when the run died before its first save). ``killed``: after
-    kill -9, temporary files and the lock file may remain (the next run removes them) and best.npz may be newer."""
+    """The invariant above; returns last.npz as loaded (``checkpoint.Checkpoint``; None when the run died before its
+    first save). ``killed``: after kill -9, temporary files and the lock file may remain (the next run removes them)
+    and best.npz may be newer."""
     names = os.listdir(folder)
     assert killed or not [n for n in names if n.startswith(".tmp-")], names
     assert killed or lock_may_remain or ".lock" not in names, names
@@ -69,26 +86,44 @@ def _check_folder(folder, best_may_be_newer=False, lock_may_remain=False, killed
     meta = last.meta
     if not (folder / "best.npz").exists():
         assert meta["best_epoch"] is None, meta["best_epoch"]
-        return meta
-    best = load_checkpoint(folder / "best.npz")
-    assert best.meta["run_id"] == meta["run_id"]
-    assert not unhealthy_arrays(best.model_state.items())
-    if best_may_be_newer and (meta["best_epoch"] is None or best.meta["epoch"] > meta["best_epoch"]):
-        assert best.meta["epoch"] == meta["epoch"] + 1      # written just before the last.npz that did not follow
+        return last
+    best = _finite_best_meta(folder / "best.npz")
+    assert best["run_id"] == meta["run_id"]
+    if best_may_be_newer and (meta["best_epoch"] is None or best["epoch"] > meta["best_epoch"]):
+        assert best["epoch"] == meta["epoch"] + 1      # written just before the last.npz that did not follow
     else:
-        assert (best.meta["epoch"], best.meta["best_iou"]) == (meta["best_epoch"], meta["best_iou"])
-        assert best.meta["step_in_epoch"] == 0 and best.meta["best_epoch"] == meta["best_epoch"]
-    return meta
+        assert (best["epoch"], best["best_iou"]) == (meta["best_epoch"], meta["best_iou"])
+        assert best["step_in_epoch"] == 0 and best["best_epoch"] == meta["best_epoch"]
+    return last
 
 
-def _resume_matches(folder, reference):
-    """Resume from folder/last.npz, finish, and compare with the uninterrupted run; the folder is then complete."""
+_FINITE_BEST = {}     # (path, inode, size, mtime) of a best.npz found loadable and finite -> its meta
+
+
+def _finite_best_meta(path):
+    """The meta of ``path`` after checking that it loads and holds finite weights. A file already checked (same
+    path, inode, size and modification time: a resumed run that did not improve left it as it was) is not read
+    again; a rewrite (a new file renamed onto it) changes its inode."""
+    st = path.stat()
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _FINITE_BEST:
+        best = load_checkpoint(path)
+        assert not unhealthy_arrays(best.model_state.items())
+        _FINITE_BEST[key] = best.meta
+    return _FINITE_BEST[key]
+
+
+def _resume_matches(folder, reference, last=None):
+    """Resume from folder/last.npz, finish, and compare with the uninterrupted run; the folder is then complete.
+    ``last``: folder/last.npz as ``_check_folder`` just loaded it (not read a second time)."""
     weights, best_epoch, best_iou = reference
-    resumed = Trainer.from_checkpoint(folder / "last.npz", progress=False, figures=False)
+    resumed = Trainer.from_checkpoint(last if last is not None else folder / "last.npz", progress=False,
+                                      figures=False)
     resumed.fit()
-    different = [k for k in weights if not np.array_equal(weights[k], _weights(resumed)[k])]
+    final = _weights(resumed)
+    different = [k for k in weights if not np.array_equal(weights[k], final[k])]
     assert not different, different[:5]
-    meta = _check_folder(folder)
+    meta = _check_folder(folder).meta
     assert (meta["epoch"], meta["best_epoch"], meta["best_iou"]) == (TINY["epochs"], best_epoch, best_iou)
 
 
@@ -99,7 +134,7 @@ class Inject:
     def __init__(self, monkeypatch, target, occurrence, moment, action):
         self.target, self.occurrence, self.moment, self.action = target, occurrence, moment, action
         self.seen, self.fired = Counter(), False
-        real_replace, real_fsync = os.replace, os.fsync
+        real_replace, real_fsync = os.replace, (REAL_FSYNC if moment == "during" else os.fsync)
 
         def replace(src, dst, *args, **kwargs):
             hit = os.path.basename(os.fspath(dst)) == target and self._count("replace")
@@ -130,6 +165,29 @@ class Inject:
     def _fire(self):
         self.fired = True
         self.action()
+
+
+def _stops(trainer) -> Interrupted:
+    """``trainer.fit()``, which must end in ``runfolder.Interrupted``. A bare KeyboardInterrupt (a signal that cut
+    short work that cannot be rolled back, e.g. a checkpoint write) fails the case instead of ending the session."""
+    try:
+        trainer.fit()
+    except Interrupted as e:
+        return e
+    except KeyboardInterrupt as e:
+        pytest.fail(f"fit() ended in a bare {type(e).__name__}, not runfolder.Interrupted")
+    pytest.fail("fit() was not interrupted")
+
+
+@pytest.fixture(autouse=True)
+def _uncaught_sigterm_fails_the_case():
+    """A SIGTERM raised in this process that the trainer does not catch would end pytest (its default action):
+    here it fails the case instead. The trainer and the CLI put this handler back when they end."""
+    def uncaught(signum, frame):
+        pytest.fail("SIGTERM reached the test process: the trainer did not handle it")
+    previous = signal.signal(signal.SIGTERM, uncaught)
+    yield
+    signal.signal(signal.SIGTERM, previous)
 
 
 def _signal(*signums):
@@ -164,11 +222,12 @@ def test_crash_at_a_write(tmp_path, monkeypatch, reference, target, occurrence, 
         _trainer(tmp_path).fit()
     assert inject.fired
     monkeypatch.undo()
-    if _check_folder(tmp_path, best_may_be_newer=True) is None:
+    last = _check_folder(tmp_path, best_may_be_newer=True)
+    if last is None:
         _trainer(tmp_path).fit()                 # nothing was saved: the folder is free for a new run
         _check_folder(tmp_path)
     else:
-        _resume_matches(tmp_path, reference)
+        _resume_matches(tmp_path, reference, last)
 
 
 INT, TERM = signal.SIGINT, signal.SIGTERM
@@ -186,13 +245,12 @@ def test_signal_during_a_write(tmp_path, monkeypatch, reference, target, occurre
     is being written: the write is never cut short, the run stops at the next safe point with the exit code of the
     first signal, and the folder is complete (best.npz matches exactly); resuming ends bit-identical."""
     inject = Inject(monkeypatch, target, occurrence, "during", _signal(*signals))
-    with pytest.raises(Interrupted) as info:
-        _trainer(tmp_path).fit()
-    assert inject.fired and info.value.exit_code == code
+    stop = _stops(_trainer(tmp_path))
+    assert inject.fired and stop.exit_code == code
     monkeypatch.undo()
-    meta = _check_folder(tmp_path)
-    assert meta["epoch"] == (0 if (target, occurrence) == ("last.npz", 1) else 1)
-    _resume_matches(tmp_path, reference)
+    last = _check_folder(tmp_path)
+    assert last.meta["epoch"] == (0 if (target, occurrence) == ("last.npz", 1) else 1)
+    _resume_matches(tmp_path, reference, last)
 
 
 def _in_forward(trainer, action, training, call):
@@ -251,16 +309,16 @@ def test_signal_inside_the_loop(tmp_path, monkeypatch, reference, where, signals
             action()
             return draw(*args, **kwargs)
         monkeypatch.setattr(plots, name, drawing)
-    with pytest.raises(Interrupted) as info:
-        trainer.fit()
-    assert info.value.exit_code == (143 if signals[0] == signal.SIGTERM else 130)
+    stop = _stops(trainer)
+    assert stop.exit_code == (143 if signals[0] == signal.SIGTERM else 130)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler      # handlers restored
     monkeypatch.undo()
-    meta = _check_folder(tmp_path)
+    last = _check_folder(tmp_path)
+    meta = last.meta
     assert (meta["epoch"], meta["step_in_epoch"], meta["global_step"]) == saved
     assert where != "curves" or not (tmp_path / "curves.png").exists()
     if meta["epoch"] < TINY["epochs"]:
-        _resume_matches(tmp_path, reference)
+        _resume_matches(tmp_path, reference, last)
 
 
 def test_broken_pipe_in_the_log_stops_after_saving(tmp_path, reference):
@@ -272,9 +330,9 @@ def test_broken_pipe_in_the_log_stops_after_saving(tmp_path, reference):
     with pytest.raises(Interrupted) as info:
         trainer.fit()
     assert info.value.exit_code == 141 and "broken pipe" in str(info.value)
-    meta = _check_folder(tmp_path)
-    assert (meta["epoch"], meta["global_step"]) == (1, 2)
-    _resume_matches(tmp_path, reference)
+    last = _check_folder(tmp_path)
+    assert (last.meta["epoch"], last.meta["global_step"]) == (1, 2)
+    _resume_matches(tmp_path, reference, last)
 
 
 def test_broken_pipe_under_the_progress_bar(tmp_path, monkeypatch, reference):
@@ -292,8 +350,9 @@ def test_broken_pipe_under_the_progress_bar(tmp_path, monkeypatch, reference):
         trainer.fit()
     monkeypatch.undo()
     assert info.value.exit_code == 141
-    assert _check_folder(tmp_path)["global_step"] == 0
-    _resume_matches(tmp_path, reference)
+    last = _check_folder(tmp_path)
+    assert last.meta["global_step"] == 0
+    _resume_matches(tmp_path, reference, last)
 
 
 @pytest.mark.parametrize("target, occurrence, code", [("best.npz", 1, errno.ENOSPC), ("last.npz", 2, errno.ENOSPC),
@@ -308,8 +367,9 @@ def test_checkpoint_write_fails(tmp_path, monkeypatch, reference, target, occurr
     assert inject.fired and info.value.errno == code
     assert f"cannot write {str(tmp_path / target)!r}" in str(info.value) and ".tmp-" not in str(info.value)
     monkeypatch.undo()
-    if _check_folder(tmp_path, best_may_be_newer=True) is not None:
-        _resume_matches(tmp_path, reference)
+    last = _check_folder(tmp_path, best_may_be_newer=True)
+    if last is not None:
+        _resume_matches(tmp_path, reference, last)
 
 
 @pytest.mark.parametrize("target", ["history.csv", "curves.png", "predictions.png"])
@@ -317,12 +377,13 @@ def test_side_file_write_fails_with_a_warning(tmp_path, monkeypatch, target):
     """enospc-<file>: the history or a figure cannot be written (full disk): a warning naming the file, and the
     run goes on to the end with its checkpoints."""
     Inject(monkeypatch, target, 1, "during", _raise(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
-    lines = []
-    trainer = Trainer(TrainConfig(**TINY), out_dir=tmp_path, progress=False, figures=True, log=lines.append)
+    lines = []         # (figures only where the file is one: drawing them costs more than the rest of the run)
+    trainer = Trainer(TrainConfig(**TINY), out_dir=tmp_path, progress=False, figures=target != "history.csv",
+                      log=lines.append)
     trainer.fit()
     monkeypatch.undo()
     assert any(line.startswith("warning:") and target in line for line in lines), lines
-    assert _check_folder(tmp_path)["epoch"] == TINY["epochs"]
+    assert _check_folder(tmp_path).meta["epoch"] == TINY["epochs"]
 
 
 def _make_unwritable(monkeypatch, folder):
@@ -359,16 +420,29 @@ def test_read_only_folder_is_found_before_the_first_step(tmp_path, monkeypatch, 
         folder.chmod(0o755)
 
 
-def _finished_run(folder):
-    trainer = _trainer(folder)
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A run folder at the end of an uninterrupted run (as ``_trainer`` makes it), trained once for the module; and
+    its last.npz as it was after step 1 (step 0's) and after step 3 (epoch 1's, which records best epoch 1)."""
+    run = tmp_path_factory.mktemp("finished")
+    trainer = _trainer(run)
+    saved = {}
+    trainer.on_step_end = lambda t: saved.setdefault(t.global_step, (run / "last.npz").read_bytes())
     trainer.fit()
-    return trainer
+    return run, saved[1], saved[3]
 
 
-def test_folder_of_another_run_is_refused(tmp_path, capsys):
+def _finished_run(folder, finished):
+    """``folder`` (created) holds a copy of the finished run's files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in finished[0].iterdir():
+        shutil.copyfile(p, folder / p.name)
+
+
+def test_folder_of_another_run_is_refused(tmp_path, capsys, finished):
     """existing-run: a new run on the folder of a finished run is refused (API and CLI, one line naming the folder
     and the ways out) and leaves its files untouched; --overwrite replaces it."""
-    _finished_run(tmp_path)
+    _finished_run(tmp_path, finished)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with pytest.raises(RunFolderError, match="holds another run"):
         _trainer(tmp_path).fit()
@@ -380,19 +454,19 @@ def test_folder_of_another_run_is_refused(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     old_run = io.read_meta(tmp_path / "last.npz")["run_id"]
     assert main([*argv, "--overwrite"]) == 0
-    meta = _check_folder(tmp_path)
+    meta = _check_folder(tmp_path).meta
     assert meta["epoch"] == 1 and meta["run_id"] != old_run
 
 
-def test_resuming_an_older_checkpoint_into_its_folder_is_refused(tmp_path):
+def test_resuming_an_older_checkpoint_into_its_folder_is_refused(tmp_path, finished):
     """resume-backwards: resuming best.npz (epoch 1) into the folder whose last.npz is at epoch 2 would move the run
     backwards: refused unless --overwrite; resuming into another folder is fine."""
-    _finished_run(tmp_path)
+    _finished_run(tmp_path, finished)
     with pytest.raises(RunFolderError, match="later state of this run"):
         Trainer.from_checkpoint(tmp_path / "best.npz", progress=False, figures=False).fit()
     other = Trainer.from_checkpoint(tmp_path / "best.npz", out_dir=tmp_path / "again", progress=False, figures=False)
     other.fit()
-    assert _check_folder(tmp_path / "again")["epoch"] == TINY["epochs"]
+    assert _check_folder(tmp_path / "again").meta["epoch"] == TINY["epochs"]
 
 
 def test_a_locked_folder_is_refused(tmp_path, capsys):
@@ -457,21 +531,11 @@ def test_default_run_folders_are_unique(tmp_path):
     assert len(set(got)) == 16 and all(p.is_dir() for p in got)
 
 
-def _epoch1_checkpoint(tmp_path):
-    """A copy of last.npz at the end of epoch 1 (records best epoch 1) in a folder of its own, and the step-0 one."""
-    run = tmp_path / "run"
-    trainer = _trainer(run)
-    saved = {}
-    trainer.on_step_end = lambda t: saved.setdefault(t.global_step, (run / "last.npz").read_bytes())
-    trainer.fit()
-    return saved[1], saved[3]        # last.npz as it was after step 1 (step 0's) and after step 3 (epoch 1's)
-
-
 @pytest.mark.parametrize("best", ["missing", "stale"])
-def test_missing_or_stale_best_is_rewritten_on_resume(tmp_path, reference, best):
+def test_missing_or_stale_best_is_rewritten_on_resume(tmp_path, reference, finished, best):
     """best-<missing|stale>-on-resume: a folder whose last.npz records best epoch 1 but whose best.npz is missing or
     older (what the earlier write order left after a kill): resuming writes it before training, and it matches."""
-    step0, epoch1 = _epoch1_checkpoint(tmp_path)
+    _, step0, epoch1 = finished
     folder = tmp_path / "f"
     folder.mkdir()
     (folder / "last.npz").write_bytes(epoch1)
@@ -480,8 +544,7 @@ def test_missing_or_stale_best_is_rewritten_on_resume(tmp_path, reference, best)
     trainer = Trainer.from_checkpoint(folder / "last.npz", progress=False, figures=False)
     trainer.on_step_end = lambda t: _check_folder(folder, lock_may_remain=True)   # already right at step 3
     trainer.fit()
-    _check_folder(folder)
-    _resume_matches(folder, reference)
+    _resume_matches(folder, reference, _check_folder(folder))
 
 
 def test_resume_into_a_new_folder_gets_the_best_checkpoint(tmp_path, capsys):
@@ -494,8 +557,7 @@ def test_resume_into_a_new_folder_gets_the_best_checkpoint(tmp_path, capsys):
         trainer.fit()
     new = tmp_path / "new"
     assert main(["train", "--resume", str(run / "last.npz"), "--out", str(new), "--quiet"]) == 0
-    meta = _check_folder(new)
-    assert meta["epoch"] == TINY["epochs"]
+    assert _check_folder(new).meta["epoch"] == TINY["epochs"]
     claimed = capsys.readouterr().out.strip().splitlines()[-1]
     assert claimed.startswith(f"run folder {new}: ")
     assert all((new / name).exists() for name in claimed.split(": ", 1)[1].split(", "))
@@ -521,9 +583,9 @@ def test_divergence_nan_weights(tmp_path, reference):
     with pytest.raises(TrainingDiverged, match=r"at step 4 \(epoch 2\): the batch statistics of "
                        r"backbone.features.norm0 are not finite.*lower the learning rate"):
         trainer.fit()
-    meta = _check_folder(tmp_path)
-    assert meta["global_step"] == 2
-    _resume_matches(tmp_path, reference)
+    last = _check_folder(tmp_path)
+    assert last.meta["global_step"] == 2
+    _resume_matches(tmp_path, reference, last)
 
 
 @pytest.mark.parametrize("poison", ["weight-1e13", "running-var-inf", "val-loss-nan"])
@@ -551,7 +613,7 @@ def test_divergence_found_at_the_epoch_end(tmp_path, monkeypatch, poison):
         trainer.fit()
     assert {"weight-1e13": "reaches 1e+13", "running-var-inf": "norm0.running_var is not finite",
             "val-loss-nan": "validation loss is nan"}[poison] in str(info.value)
-    meta = _check_folder(tmp_path)
+    meta = _check_folder(tmp_path).meta
     assert (meta["epoch"], meta["global_step"], meta["best_epoch"]) == (1, 2, 1)
 
 
@@ -588,13 +650,13 @@ def test_batch_norm_refuses_a_non_finite_batch():
 
 
 @pytest.mark.parametrize("command", ["predict", "evaluate"])
-def test_predict_and_evaluate_refuse_non_finite_logits(tmp_path, capsys, command):
+def test_predict_and_evaluate_refuse_non_finite_logits(tmp_path, capsys, finished, command):
     """<command>-nan-checkpoint: a checkpoint with an Inf running variance (what a diverged run wrote before this
     fix): one line saying the logits are not finite, exit 1 (was '0 % foreground' / IoU 0)."""
     from PIL import Image
 
     from minideeplab.checkpoint import load_model
-    _finished_run(tmp_path / "run")
+    _finished_run(tmp_path / "run", finished)
     model, meta = load_model(tmp_path / "run" / "best.npz")
     model.head.classifier.weight.data[...] = np.nan
     io.save(model, tmp_path / "nan.npz", {"train_config": meta["train_config"]})
@@ -607,25 +669,31 @@ def test_predict_and_evaluate_refuse_non_finite_logits(tmp_path, capsys, command
 
 
 # -- real processes and real signals ------------------------------------------------------------------------------
-LONG = ["--model", "small", "--image-size", "16", "--epochs", "50", "--batch-size", "2", "--train-size", "8",
-        "--val-size", "2", "--quiet", "--no-augment"]      # long enough never to finish before the signal
+# One epoch of 1000 steps: the signal always comes in the middle of epoch 1's training, never at an epoch end, so
+# that the process never spends seconds importing Matplotlib and drawing curves.png; a line per step says how far
+# it is (the first, "run folder: ...", is printed after last.npz of step 0 is written).
+LONG = ["--model", "small", "--image-size", "16", "--epochs", "1", "--batch-size", "2", "--train-size", "2000",
+        "--val-size", "2", "--quiet", "--no-augment", "--log-every", "1"]
 
 
-def _start(folder, **popen):
+def _start(folder):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "minideeplab.cli", "train", *LONG, "--out", str(folder)],
-                            env=env, stdout=popen.pop("stdout", subprocess.DEVNULL), stderr=subprocess.PIPE,
-                            text=True, **popen)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_steps(proc, folder, timeout=120):
-    """Until the run has saved step 0 and trained a little."""
-    end = time.monotonic() + timeout
-    while not (folder / "last.npz").exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < end
-        time.sleep(0.05)
-    time.sleep(0.5)
+def _wait_for_steps(proc, folder, steps=2):
+    """Until the run has saved step 0 and trained ``steps`` steps (it says so on stdout)."""
+    deadline = threading.Timer(120, proc.kill)         # a run that hangs: its stdout ends, the test fails
+    deadline.start()
+    try:
+        for line in proc.stdout:
+            if line.startswith(f"step {steps}/"):
+                assert (folder / "last.npz").exists()
+                return
+    finally:
+        deadline.cancel()
+    pytest.fail(f"the run ended before step {steps}: {proc.communicate(timeout=60)}")
 
 
 def _resume_two_steps(folder):
@@ -635,7 +703,7 @@ def _resume_two_steps(folder):
     resumed.on_step_end = lambda t: t.request_stop() if t.global_step == start + 2 else None
     with pytest.raises(Interrupted):
         resumed.fit()
-    assert _check_folder(folder)["global_step"] == start + 2
+    assert _check_folder(folder).meta["global_step"] == start + 2
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)],
@@ -658,8 +726,8 @@ def test_real_signal_to_the_cli(tmp_path, signum, code):
 def test_closed_stdout_pipe(tmp_path):
     """process-broken-pipe: ``minideeplab train ... | head -1``: the reader closes the pipe after the first line; the
     run saves and exits 141 with no traceback, and resumes."""
-    proc = _start(tmp_path, stdout=subprocess.PIPE)
-    first = proc.stdout.readline()
+    proc = _start(tmp_path)
+    first = proc.stdout.readline()          # and the next one (step 1's log line) meets the closed pipe
     assert first.startswith("run folder:")
     proc.stdout.close()
     _, err = proc.communicate(timeout=300)
