@@ -70,7 +70,7 @@ def _pm(m, s, digits=3) -> str:
     return f"{m:.{digits}f}" if math.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def markdown(exp, variants, baseline, rows, settings, seeds, command, elapsed, machine) -> str:
+def markdown(exp, variants, baseline, rows, settings, seeds, command, elapsed, machine, load=None) -> str:
     names = [v.name for v in variants]
     tri = trimap_keys(rows)
     costs = [k for k in ("train_s_per_step", "seconds_per_image", "step_peak_mib") if k in rows[0]]
@@ -79,7 +79,7 @@ def markdown(exp, variants, baseline, rows, settings, seeds, command, elapsed, m
     shown = ", ".join(f"{k} {v}" for k, v in settings.items() if k != "device")
     lines = [f"# {exp.title}", "", f"Claim tested: {exp.claim}.", "",
              f"- command: `{command}`", f"- machine: {machine}; device {settings.get('device', 'cpu')}; "
-             f"{elapsed / 60:.1f} min in all", f"- settings: {shown}; data {settings.get('data') or exp.data}",
+             f"{elapsed / 60:.1f} min in all", *([f"- load: {load}"] if load else []), f"- settings: {shown}; data {settings.get('data') or exp.data}",
              f"- seeds: {', '.join(map(str, seeds))}; validation images per seed: {settings.get('val_size')}", "",
              f"## Mean ± std over {len(seeds)} seeds", "",
              "| variant | " + " | ".join(LABELS.get(k, k.replace("trimap_iou_", "trimap ")) for k in keys) + " |",
@@ -180,14 +180,15 @@ def plot_predictions(figure: dict, names, path, threshold: float = 0.5) -> Path:
     return _save(fig, path)
 
 
-def write_report(out, exp, variants, baseline, rows, figure, settings, seeds, command, elapsed, machine) -> None:
+def write_report(out, exp, variants, baseline, rows, figure, settings, seeds, command, elapsed, machine,
+                 load=None) -> None:
     """results.csv, summary.md, metrics.png, trimap.png and predictions.png in ``out`` (created)."""
     out = Path(out)
     names = [v.name for v in variants]
     with atomic_write(out / "results.csv", "w", newline="") as f:
         f.write(_csv_text(rows))
     with atomic_write(out / "summary.md", "w") as f:
-        f.write(markdown(exp, variants, baseline, rows, settings, seeds, command, elapsed, machine))
+        f.write(markdown(exp, variants, baseline, rows, settings, seeds, command, elapsed, machine, load))
     plot_metrics(rows, names, out / "metrics.png")
     plot_trimap(rows, names, out / "trimap.png")
     plot_predictions(figure, names, out / "predictions.png")
