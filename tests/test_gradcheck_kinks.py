@@ -36,9 +36,19 @@ def test_a_wrong_backward_still_fails(leak, scale):
 
 
 def test_an_error_larger_than_the_kink_explains_is_not_left_out():
-    x = np.array([3e-6])                           # only the kink entry: its error 0.35 + 0.5 is not the kink's
+    x = np.array([3e-6])              # only the kink entry: the analytic 1.5 matches neither side (1.0 and 0.3)
     result = check_function(relu_function(scale=1.5), x, eps=1e-5, kink_aware=True, raise_on_fail=False,
                             rng=np.random.default_rng(0))
+    assert not result.passed and result.kinks == 0
+
+
+def test_a_steep_smooth_loss_is_not_excused():
+    """Large curvature also makes the one-sided differences disagree, but puts the derivative in their middle:
+    a wrong derivative there still fails."""
+    def steep(x):                     # tanh(1e4 x) near 0: eps * f'' is large, and there is no kink
+        return np.tanh(1e4 * x), lambda dout: dout * 1e4 * (1 - np.tanh(1e4 * x) ** 2) * 1.01   # 1 % wrong
+    x = np.array([2e-5])
+    result = check_function(steep, x, eps=1e-6, kink_aware=True, raise_on_fail=False, rng=np.random.default_rng(0))
     assert not result.passed and result.kinks == 0
 
 
