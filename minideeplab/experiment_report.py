@@ -1,6 +1,6 @@
 """The files an experiment writes (``minideeplab.experiments``): a CSV of every run, a Markdown summary with
 mean ± std and the paired per-seed differences from the baseline variant, and three figures. Everything is written
-atomically. ``read_results`` and ``summarize`` serve notebooks that show committed results.
+atomically. ``committed_results``, ``read_results`` and ``summarize`` serve notebooks that show committed results.
 """
 from __future__ import annotations
 
@@ -38,6 +38,20 @@ def read_results(path) -> list:
                 return v
     with open(path, newline="") as f:
         return [{k: number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def committed_results(name: str, start=None) -> Path:
+    """The folder of experiment ``name``'s committed results, ``docs/experiments/<name>`` of the source checkout:
+    looked for from ``start`` (default: the working directory, e.g. ``notebooks/``) up, then beside the package.
+    A FileNotFoundError says how to produce it when it is not there (an installed package has no docs)."""
+    here = Path(start or Path.cwd()).resolve()
+    for root in (here, *here.parents, Path(__file__).resolve().parents[1]):
+        folder = root / "docs" / "experiments" / name
+        if (folder / "results.csv").is_file():
+            return folder
+    raise FileNotFoundError(f"no committed results of experiment {name!r} (docs/experiments/{name}/results.csv) "
+                            f"above {here}: run 'minideeplab experiment {name} --out docs/experiments/{name}' in a "
+                            "source checkout")
 
 
 def _values(rows, variant, key, seeds):
