@@ -77,6 +77,30 @@ def _add_train(sub):
     p.set_defaults(func=cmd_train)
 
 
+def _scales(text):
+    """``--scales 0.5,0.75,1``: one or more positive numbers, comma-separated."""
+    try:
+        scales = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,1,1.5, got {text!r}") from None
+    if not all(0 < s < float("inf") for s in scales):
+        raise argparse.ArgumentTypeError(f"every scale must be a positive number, got {text!r}")
+    return scales
+
+
+def _add_inference_options(p) -> None:
+    """``--output-stride``, ``--scales``/``--multi-scale`` and ``--flip`` of evaluate and predict (inference.py)."""
+    p.add_argument("--output-stride", type=int, choices=(8, 16, 32),
+                   help="run the network at this output stride with the same weights (e.g. trained at 16, "
+                        "evaluated at 8; default: the checkpoint's)")
+    scales = p.add_mutually_exclusive_group()
+    scales.add_argument("--scales", type=_scales, metavar="S,S,...",
+                        help="average the probabilities over these input scales (e.g. 0.75,1,1.25; default 1)")
+    scales.add_argument("--multi-scale", action="store_true",
+                        help="the paper's scales 0.5,0.75,1,1.25,1.5,1.75 (same as --scales with them)")
+    p.add_argument("--flip", action="store_true", help="also average over the left-right mirrored images")
+
+
 def _add_evaluate(sub):
     p = sub.add_parser("evaluate", help="print the metrics and the loss of a checkpoint on a dataset")
     p.add_argument("checkpoint")
@@ -91,6 +115,7 @@ def _add_evaluate(sub):
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--mask-void", choices=VOID_CHOICES, help="default: the run's (see train --mask-void)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    _add_inference_options(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -103,6 +128,7 @@ def _add_predict(sub):
                    help="network input side (default: the run's training size; 0 = the image's own size)")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    _add_inference_options(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -192,7 +218,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _eval_dataset(args, meta: dict, minimum: int):
+def _eval_dataset(args, meta: dict, minimum: int, scales=(1.0,)):
     """``(dataset, label, config)`` for ``evaluate``: the run's config (``train.TrainConfig``; its defaults for a
     weights-only file) with the options given, and the images ``data.run_data.evaluation_set`` picks."""
     from .data.run_data import evaluation_set
@@ -204,8 +230,43 @@ def _eval_dataset(args, meta: dict, minimum: int):
     if cfg.image_size < minimum:
         raise ValueError(f"--image-size {cfg.image_size} is too small for this network: it needs at least "
                          f"{minimum}x{minimum} pixels at its output stride")
+    _check_scaled_size(cfg.image_size, cfg.image_size, scales, minimum, "--image-size")
     dataset, label = evaluation_set(cfg, args.data, args.split, meta.get("data_fingerprint"))
     return dataset, label, cfg
+
+
+def _inference_settings(args, model) -> tuple[tuple, bool, str]:
+    """Apply ``--output-stride`` to ``model`` (``models.set_output_stride``: the same weights, pools dropped or put
+    back, dilations and ASPP rates rescaled) and return ``(scales, flip, words)``: what ``inference.predict_proba``
+    needs and a phrase for the output's title ("" when nothing differs from a plain forward)."""
+    from .inference import PAPER_SCALES
+    words = []
+    own = model.output_stride
+    if args.output_stride is not None and args.output_stride != own:
+        from .models import set_output_stride
+        try:
+            set_output_stride(model, args.output_stride)
+        except ValueError as e:
+            raise ValueError(f"--output-stride {args.output_stride}: the checkpoint's network (output stride {own}, "
+                             f"ASPP rates {model.rates}) cannot be switched: {e}") from None
+        words.append(f"output stride {args.output_stride} (trained at {own})")
+    scales = PAPER_SCALES if args.multi_scale else (args.scales or (1.0,))
+    if scales != (1.0,):
+        words.append(f"scales {','.join(f'{s:g}' for s in scales)}")
+    if args.flip:
+        words.append("flip")
+    return scales, bool(args.flip), ", ".join(words)
+
+
+def _check_scaled_size(height: int, width: int, scales, minimum: int, what: str) -> None:
+    """Each scale's network input (round(s·H) x round(s·W), as ``inference.predict_proba`` resizes) must be at least
+    ``minimum`` pixels a side; refused before anything runs, naming the scale."""
+    for s in scales:
+        h, w = max(1, round(height * s)), max(1, round(width * s))
+        if min(h, w) < minimum:
+            raise ValueError(f"scale {s:g} of {what} ({width}x{height} pixels) gives a {w}x{h} network input, "
+                             f"smaller than the network's minimum {minimum}x{minimum} at its output stride; drop "
+                             "that scale or use larger images")
 
 
 def cmd_evaluate(args) -> int:
@@ -215,11 +276,21 @@ def cmd_evaluate(args) -> int:
     from .metrics import format_metrics
     from .train import evaluate
     model, meta = load_model(args.checkpoint, device=args.device)
-    dataset, label, cfg = _eval_dataset(args, meta, model.min_input_size)
+    scales, flip, words = _inference_settings(args, model)
+    dataset, label, cfg = _eval_dataset(args, meta, model.min_input_size, scales)
     loader = DataLoader(dataset, args.batch_size)
-    metrics = evaluate(model, loader, build_loss(cfg.loss), threshold=args.threshold, device=args.device,
-                       progress=sys.stderr.isatty())
-    print(format_metrics(metrics, title=f"{args.checkpoint} on {label} (loss: {cfg.loss})"))
+    progress = sys.stderr.isatty()
+    if scales == (1.0,) and not flip:       # one forward per batch: its logits also give the loss
+        metrics = evaluate(model, loader, build_loss(cfg.loss), threshold=args.threshold, device=args.device,
+                           progress=progress)
+        title = f"{args.checkpoint} on {label}{f', {words}' if words else ''} (loss: {cfg.loss})"
+    else:                                   # averaged probabilities: no logits, so no loss
+        from .inference import evaluate_model
+        metrics = evaluate_model(model, loader, scales=scales, flip=flip, threshold=args.threshold,
+                                 device=args.device, progress=progress)
+        metrics.pop("seconds_per_image", None)
+        title = f"{args.checkpoint} on {label}, {words} (probabilities averaged: no loss)"
+    print(format_metrics(metrics, title=title))
     return 0
 
 
@@ -266,23 +337,22 @@ def _check_network_size(size: int | None, images, minimum: int) -> None:
                              f"network's minimum {minimum}x{minimum}; pass --image-size N to resize it")
 
 
-def predict_probs(model, image: np.ndarray, size: int | None, device: str = "cpu") -> np.ndarray:
+def predict_probs(model, image: np.ndarray, size: int | None, device: str = "cpu", scales=(1.0,),
+                  flip: bool = False) -> np.ndarray:
     """Foreground probability per pixel of an RGB image at its own size.
 
-    The network runs at ``size x size`` (the training size; None for the image's own size) and the
-    probabilities are resized back bilinearly. Shapes: image (H, W, 3) in [0, 1] -> (H, W) float32.
+    The network runs at ``size x size`` (the training size; None for the image's own size), averaged over
+    ``scales`` and (``flip``) mirror images by ``inference.predict_proba``, and the probabilities are resized back
+    bilinearly. Logits that are not finite raise (NaN weights would otherwise print "foreground 0.0%").
+    Shapes: image (H, W, 3) in [0, 1] -> (H, W) float32.
     """
     from .backend import to_device, to_numpy
     from .data.transforms import normalize, resize_bilinear
-    from .finite import check_logits
-    from .nn import sigmoid
+    from .inference import predict_proba
     H, W = image.shape[:2]
     x = resize_bilinear(image, (size, size)) if size else image
     x = np.transpose(normalize(x), (2, 0, 1))[None]
-    model.eval()
-    logits = model(to_device(np.ascontiguousarray(x), device))
-    check_logits(logits)                 # NaN weights would otherwise print "foreground 0.0%"
-    probs = to_numpy(sigmoid(logits))[0, 0]
+    probs = to_numpy(predict_proba(model, to_device(np.ascontiguousarray(x), device), scales, flip))[0, 0]
     return np.clip(resize_bilinear(probs, (H, W)), 0, 1) if size else probs
 
 
@@ -295,6 +365,7 @@ def cmd_predict(args) -> int:
     if not 0 <= args.threshold <= 1:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
     model, meta = load_model(args.checkpoint, device=args.device)
+    scales, flip, words = _inference_settings(args, model)
     size = args.image_size if args.image_size is not None else meta.get("train_config", {}).get("image_size")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -302,9 +373,15 @@ def cmd_predict(args) -> int:
     planned = _output_paths([Path(p) for p in args.images], out)
     images = [load_image(p) for p, _, _ in planned]          # every input is checked before writing
     _check_network_size(size, [(p, im) for (p, _, _), im in zip(planned, images)], model.min_input_size)
+    if size:
+        _check_scaled_size(size, size, scales, model.min_input_size, f"--image-size {size}")
+    for (path, _, _), image in zip(planned, images) if not size else ():
+        _check_scaled_size(*image.shape[:2], scales, model.min_input_size, f"image {str(path)!r}")
+    if words:
+        print(f"predicting with {words}")
     out.mkdir(parents=True, exist_ok=True)
     for (path, mask_path, overlay_path), image in zip(planned, images):
-        mask = predict_probs(model, image, size or None, args.device) > args.threshold   # as model.predict
+        mask = predict_probs(model, image, size or None, args.device, scales, flip) > args.threshold  # model.predict
         _write_png((mask * 255).astype(np.uint8), mask_path)
         _write_png((overlay(image, mask) * 255).round().astype(np.uint8), overlay_path)
         print(f"{path}: {image.shape[1]}x{image.shape[0]}, foreground {mask.mean():.1%} -> {mask_path}, "

@@ -1,6 +1,6 @@
 """The files an experiment writes (``minideeplab.experiments``): a CSV of every run, a Markdown summary with
 mean ± std and the paired per-seed differences from the baseline variant, and three figures. Everything is written
-atomically. ``read_results`` and ``summarize`` serve notebooks that show committed results.
+atomically. ``committed_results``, ``read_results`` and ``summarize`` serve notebooks that show committed results.
 """
 from __future__ import annotations
 
@@ -40,6 +40,20 @@ def read_results(path) -> list:
         return [{k: number(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+def committed_results(name: str, start=None) -> Path:
+    """The folder of experiment ``name``'s committed results, ``docs/experiments/<name>`` of the source checkout:
+    looked for from ``start`` (default: the working directory, e.g. ``notebooks/``) up, then beside the package.
+    A FileNotFoundError says how to produce it when it is not there (an installed package has no docs)."""
+    here = Path(start or Path.cwd()).resolve()
+    for root in (here, *here.parents, Path(__file__).resolve().parents[1]):
+        folder = root / "docs" / "experiments" / name
+        if (folder / "results.csv").is_file():
+            return folder
+    raise FileNotFoundError(f"no committed results of experiment {name!r} (docs/experiments/{name}/results.csv) "
+                            f"above {here}: run 'minideeplab experiment {name} --out docs/experiments/{name}' in a "
+                            "source checkout")
+
+
 def _values(rows, variant, key, seeds):
     by_seed = {r["seed"]: r[key] for r in rows if r["variant"] == variant}
     return np.array([by_seed[s] for s in seeds], dtype=float)
@@ -70,7 +84,7 @@ def _pm(m, s, digits=3) -> str:
     return f"{m:.{digits}f}" if math.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def markdown(exp, variants, baseline, rows, settings, seeds, command, elapsed, machine) -> str:
+def markdown(exp, variants, baseline, rows, settings, seeds, command, elapsed, machine, load=None) -> str:
     names = [v.name for v in variants]
     tri = trimap_keys(rows)
     costs = [k for k in ("train_s_per_step", "seconds_per_image", "step_peak_mib") if k in rows[0]]
@@ -79,7 +93,7 @@ def markdown(exp, variants, baseline, rows, settings, seeds, command, elapsed, m
     shown = ", ".join(f"{k} {v}" for k, v in settings.items() if k != "device")
     lines = [f"# {exp.title}", "", f"Claim tested: {exp.claim}.", "",
              f"- command: `{command}`", f"- machine: {machine}; device {settings.get('device', 'cpu')}; "
-             f"{elapsed / 60:.1f} min in all", f"- settings: {shown}; data {settings.get('data') or exp.data}",
+             f"{elapsed / 60:.1f} min in all", *([f"- load: {load}"] if load else []), f"- settings: {shown}; data {settings.get('data') or exp.data}",
              f"- seeds: {', '.join(map(str, seeds))}; validation images per seed: {settings.get('val_size')}", "",
              f"## Mean ± std over {len(seeds)} seeds", "",
              "| variant | " + " | ".join(LABELS.get(k, k.replace("trimap_iou_", "trimap ")) for k in keys) + " |",
@@ -180,14 +194,15 @@ def plot_predictions(figure: dict, names, path, threshold: float = 0.5) -> Path:
     return _save(fig, path)
 
 
-def write_report(out, exp, variants, baseline, rows, figure, settings, seeds, command, elapsed, machine) -> None:
+def write_report(out, exp, variants, baseline, rows, figure, settings, seeds, command, elapsed, machine,
+                 load=None) -> None:
     """results.csv, summary.md, metrics.png, trimap.png and predictions.png in ``out`` (created)."""
     out = Path(out)
     names = [v.name for v in variants]
     with atomic_write(out / "results.csv", "w", newline="") as f:
         f.write(_csv_text(rows))
     with atomic_write(out / "summary.md", "w") as f:
-        f.write(markdown(exp, variants, baseline, rows, settings, seeds, command, elapsed, machine))
+        f.write(markdown(exp, variants, baseline, rows, settings, seeds, command, elapsed, machine, load))
     plot_metrics(rows, names, out / "metrics.png")
     plot_trimap(rows, names, out / "trimap.png")
     plot_predictions(figure, names, out / "predictions.png")

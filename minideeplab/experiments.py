@@ -152,7 +152,7 @@ def run(exp: Experiment, settings: dict, seeds, out: Path, command: str, progres
     groups = {}                                          # one training per distinct training config
     for v in variants:
         groups.setdefault(tuple(sorted(v.train.items())), []).append(v)
-    rows, figure, memory = [], {}, {}
+    rows, figure, memory, loads = [], {}, {}, [load_average()]
     bar = tqdm(total=len(seeds) * len(groups), desc=exp.name, disable=not progress)
     started = time.perf_counter()
     with bar:
@@ -173,8 +173,10 @@ def run(exp: Experiment, settings: dict, seeds, out: Path, command: str, progres
                     if seed == seeds[0]:
                         figure[v.name] = _figure_predictions(trainer, v)
                 bar.update()
+                loads.append(load_average())
     elapsed = time.perf_counter() - started
-    write_report(out, exp, variants, baseline, rows, figure, settings, seeds, command, elapsed, machine())
+    write_report(out, exp, variants, baseline, rows, figure, settings, seeds, command, elapsed, machine(),
+                 load=describe_load(loads))
     if log:
         log(f"{exp.name}: {len(rows)} evaluations in {elapsed:.0f} s; wrote {out}/results.csv, summary.md, "
             "metrics.png, trimap.png, predictions.png")
@@ -200,8 +202,41 @@ def _figure_predictions(trainer, variant: Variant):
 
 def machine() -> str:
     import os
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-            f"NumPy {np.__version__}, {platform.system()}")
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    return (f"{cpu_name()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+            f"NumPy {np.__version__}, {platform.system()}, OMP_NUM_THREADS={threads}")
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (nan where the system does not report one)."""
+    import os
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return float("nan")
+
+
+def describe_load(loads) -> str:
+    """The load averages sampled at the start and after each training, in words: timings (seconds per step and
+    per image) are comparable only between runs on an equally loaded machine."""
+    import os
+    a = np.array([x for x in loads if x == x])
+    if not len(a):
+        return "not reported by this system"
+    return (f"1-minute load average {a.mean():.2f} on {os.cpu_count()} CPUs (min {a.min():.2f}, max {a.max():.2f}; "
+            f"{len(a)} samples: at the start and after each training)")
 
 
 def build_parser() -> argparse.ArgumentParser:

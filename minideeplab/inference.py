@@ -5,15 +5,18 @@ another output stride than the one trained at ("train 16, eval 8"), plus an eval
 mirror image), resizes each result back to the input size and averages the probabilities, as DeepLab's own code
 does. The logits are resized before the sigmoid: the model itself upsamples its logits, not its probabilities, to
 the input size, so each scale's output is what that model would predict for an input of that size. With
-``scales=(1.0,)`` and no flip it is exactly ``sigmoid(model(x))``.
+``scales=(1.0,)`` and no flip it is exactly ``sigmoid(model(x))``. Every pass runs under ``nn.no_grad`` (nothing is
+kept for a backward, as ``DeepLabV3.predict_proba``) and its logits are checked to be finite (``finite.check_logits``:
+a diverged checkpoint is refused instead of printing scores of NaN masks).
 """
 from __future__ import annotations
 
 import time
 
 from .backend import get_array_module, synchronize, to_device
+from .finite import check_logits
 from .metrics import TRIMAP_WIDTHS, BoundaryMeter, ConfusionMeter
-from .nn import interpolate, sigmoid
+from .nn import interpolate, no_grad, sigmoid
 
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)   # DeepLabV3's multi-scale inputs
 
@@ -31,7 +34,8 @@ def predict_proba(model, x, scales=(1.0,), flip: bool = False):
     Each scale s runs the model on x resized bilinearly (align_corners=False) to (round(s·H), round(s·W)); its logits
     are resized back to (H, W) and mirrored back where the input was mirrored; the mean of the sigmoids over the
     len(scales) × (2 if flip else 1) passes is returned. The model is put in eval mode (batch norm's running
-    statistics; the result does not depend on the rest of the batch).
+    statistics; the result does not depend on the rest of the batch) and runs under ``nn.no_grad``. Logits that are
+    not finite raise ``finite.NonFiniteError`` (a ValueError).
 
     Shapes: x (N, 3, H, W) on the model's device -> probabilities (N, num_classes, H, W).
 
@@ -45,12 +49,14 @@ def predict_proba(model, x, scales=(1.0,), flip: bool = False):
     xp = get_array_module(x)
     model.eval()
     H, W = x.shape[2:]
-    total, passes = None, 0
+    total, passes, many = None, 0, len(scales) > 1 or flip
     for s in scales:
         size = (max(1, round(H * s)), max(1, round(W * s)))
         xs = x if size == (H, W) else interpolate(x, size)
         for mirrored in ((False, True) if flip else (False,)):
-            logits = model(xp.ascontiguousarray(xs[..., ::-1]) if mirrored else xs)
+            with no_grad():
+                logits = model(xp.ascontiguousarray(xs[..., ::-1]) if mirrored else xs)
+            check_logits(logits, f" at scale {s:g}{', mirrored' if mirrored else ''}" if many else "")
             if mirrored:
                 logits = logits[..., ::-1]
             if size != (H, W):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from minideeplab import cli
-from minideeplab.experiment_report import read_results, summarize
+from minideeplab.experiment_report import committed_results, read_results, summarize
 from minideeplab.experiments import EXPERIMENTS, QUICK, ExperimentConfig, resolve_variants
 from minideeplab.train import Trainer
 
@@ -30,6 +30,7 @@ def test_experiment_runs_end_to_end(name, tmp_path, capsys):
     assert f"Paired differences from the baseline ({baseline})" in text
     assert "--quick --seeds 2" in text
     assert all(v.name in text for v in variants)
+    assert "- load: 1-minute load average" in text and "OMP_NUM_THREADS=" in text    # timings need the load
 
 
 def test_variants_that_share_a_model_are_trained_once(tmp_path, monkeypatch):
@@ -81,3 +82,24 @@ def test_bad_options_fail_cleanly(capsys, tmp_path):
     assert err.startswith("minideeplab experiment: error: argument name: invalid choice") and "\n" not in err
     assert cli.main(["experiment", "--help"]) == 0
     assert "--quick" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_committed_results_are_found_and_complete(name, tmp_path):
+    """docs/experiments/<name>/ of this checkout, from the notebooks' folder and from anywhere else (beside the
+    package): what notebooks 02, 04 and 06 read."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    folder = committed_results(name, start=root / "notebooks")
+    assert folder == root / "docs" / "experiments" / name
+    assert committed_results(name, start=tmp_path) == folder
+    for f in ("results.csv", "summary.md", "metrics.png", "trimap.png", "predictions.png"):
+        assert (folder / f).stat().st_size > 0, f
+    variants, _ = resolve_variants(EXPERIMENTS[name], {"image_size": 96})
+    rows = read_results(folder / "results.csv")
+    assert sorted((r["variant"], r["seed"]) for r in rows) == sorted((v.name, s) for v in variants for s in (0, 1, 2))
+
+
+def test_committed_results_missing_says_how_to_make_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="minideeplab experiment no-such"):
+        committed_results("no-such", start=tmp_path)

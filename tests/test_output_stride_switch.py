@@ -106,6 +106,104 @@ def test_backbone_alone_switches():
     assert net.features.denseblock4.denselayer1.conv2.padding == (4, 4)
 
 
+def test_min_input_size_follows_the_stride():
+    model = small(16).eval()
+    assert model.min_input_size == 13
+    model.set_output_stride(32)
+    assert model.min_input_size == model.backbone.min_input_size == 29
+    with pytest.raises(ValueError, match="29"):                 # refused by name, not deep inside a layer
+        model(np.zeros((1, 3, 20, 20), np.float32))
+    model.set_output_stride(8)
+    assert model.min_input_size == 5
+    assert model(np.zeros((1, 3, 8, 8), np.float32)).shape == (1, 1, 8, 8)
+
+
+# -- the textbook tier -------------------------------------------------------------------------------------------
+
+
+def textbook_small(os_, seed=0, **kw):
+    """A textbook small model (float64) with trained-looking batch norms."""
+    from minideeplab import textbook as tb
+    model = tb.build_deeplab(DeepLabConfig.small(output_stride=os_, **kw), rng=np.random.default_rng(seed),
+                             dtype=np.float64)
+    rng = np.random.default_rng(seed + 100)
+    for m in model.modules():
+        if isinstance(m, tb.BatchNorm2d):
+            m.running_mean[...] = rng.normal(0, 0.2, m.num_features)
+            m.running_var[...] = rng.uniform(0.5, 1.5, m.num_features)
+            m.weight.data[...] = rng.uniform(0.5, 1.5, m.num_features)
+            m.bias.data[...] = rng.normal(0, 0.2, m.num_features)
+    return model
+
+
+def test_textbook_round_trip_gives_identical_logits():
+    from minideeplab import textbook as tb
+    model = textbook_small(16, dropout=0.0).eval()
+    x = np.random.default_rng(1).standard_normal((2, 3, 45, 38))
+    before, text = model(x), repr(model)
+    model.set_output_stride(8)
+    at8 = model(x)
+    assert model.output_stride == model.backbone.output_stride == 8 and model.rates == (12, 24, 36)
+    assert isinstance(model.backbone.features.transition2.pool, tb.Identity)
+    assert not np.allclose(at8, before)                       # the switch changed the network...
+    model.set_output_stride(16)
+    np.testing.assert_array_equal(model(x), before)            # ...and switching back restores it exactly
+    assert repr(model) == text
+    # the pooling put back is the textbook's own class, not the fast tier's
+    assert type(model.backbone.features.transition2.pool) is tb.AvgPool2d
+    # the fast tier's function, given a textbook model, builds the same network as the textbook's method
+    other = textbook_small(16, dropout=0.0).eval()
+    other(x)                                                   # the upsamplers' sizes, as in model
+    set_output_stride(other, 8)
+    model.set_output_stride(8)
+    assert repr(other) == repr(model) and other.config == model.config
+    assert type(other.backbone.features.transition1.pool) is tb.AvgPool2d
+    set_output_stride(other, 16)
+    assert type(other.backbone.features.transition2.pool) is tb.AvgPool2d
+    np.testing.assert_array_equal(other(x), before)
+
+
+def test_textbook_refuses_rates_that_do_not_scale_before_any_change():
+    model = textbook_small(16, rates=(1, 2, 3))
+    before = repr(model)
+    with pytest.raises(ValueError, match="rate 1 at output stride 16 becomes 0.5 at 32"):
+        model.set_output_stride(32)
+    with pytest.raises(ValueError, match="output_stride must be one of"):
+        model.set_output_stride(4)
+    assert repr(model) == before and model.output_stride == model.backbone.output_stride == 16
+
+
+@pytest.mark.parametrize("start, target", [(16, 8), (16, 32), (8, 16)])
+def test_textbook_switched_equals_textbook_built(start, target):
+    from minideeplab import textbook as tb
+    model = textbook_small(start).eval()
+    model.set_output_stride(target)
+    built = tb.build_deeplab(DeepLabConfig.small(output_stride=target), rng=np.random.default_rng(9),
+                             dtype=np.float64).eval()
+    built.load_state_dict(model.state_dict())
+    assert built.config == model.config and repr(built) == repr(model)
+    x = np.random.default_rng(2).standard_normal((2, 3, 64, 64))
+    np.testing.assert_array_equal(model(x), built(x))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_textbook_switched_equals_fast_switched(train):
+    """Both tiers trained at 16 and switched to 8: the same logits, input gradient, parameter gradients and running
+    statistics to float64 rounding."""
+    from test_textbook_model import compare_models, pair
+    textbook, fast, x, dlogits = pair(16, train)
+    for m in (textbook, fast):
+        m.set_output_stride(8)
+    dilations = [[(n, m.dilation, m.padding) for n, m in net.named_modules() if n.endswith("conv2") or
+                  n.startswith("head.aspp.branches.") and n.endswith(".conv")] for net in (textbook, fast)]
+    assert dilations[0] == dilations[1] and textbook.rates == fast.rates == (12, 24, 36)
+    errors = compare_models(textbook, fast, x, dlogits)
+    assert errors["logits"] < 1e-12
+    with pytest.raises(AssertionError, match="differs"):       # the comparison sees a stride mismatch
+        textbook.set_output_stride(16)
+        compare_models(textbook, fast, x, dlogits)
+
+
 # -- the ASPP ablations --------------------------------------------------------------------------------------------
 
 

@@ -16,8 +16,11 @@ what its last forward cached (``_clear_cache``): a backward must follow a forwar
 ``model.config`` is updated to describe the model as it now is (its output stride and rates), so a checkpoint
 saved afterwards rebuilds the switched model.
 
-The walk needs only these names and the attributes ``pool``, ``dilation``, ``padding``: the textbook tier can reuse
-``set_output_stride`` by passing its own pooling and identity classes.
+The textbook tier has its own plain ``set_output_stride`` methods (``minideeplab.textbook``; a test ties the two).
+This walk needs only torchvision's names and the attributes ``pool``, ``dilation``, ``padding``, so it also accepts
+a textbook model: a pooling put back into a transition is of the class the model already uses in ``transition1``
+(pooled at every output stride), so a textbook model gets a textbook pool. ``min_input_size`` is recomputed: the
+smallest input changes with the pools (13 px at 16, 5 at 8, 29 at 32).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from dataclasses import replace
 
 from ..nn import AvgPool2d, Identity
 from .config import default_rates
-from .densenet import DILATIONS, POOLED, check_output_stride
+from .densenet import DILATIONS, POOLED, check_output_stride, min_input_size
 
 
 def _set_dilation(conv, dilation: int) -> None:
@@ -58,7 +61,7 @@ def scaled_rates(rates, old_stride: int, new_stride: int) -> tuple:
     return tuple(out)
 
 
-def set_output_stride(model, output_stride: int, *, avg_pool=AvgPool2d, identity=Identity):
+def set_output_stride(model, output_stride: int, *, avg_pool=None, identity=Identity):
     """Switch ``model`` (a ``DeepLabV3`` or a ``DenseNet``) to ``output_stride`` in place, keeping every weight and
     running statistic; returns the model. Switching back restores the original network exactly.
 
@@ -68,13 +71,18 @@ def set_output_stride(model, output_stride: int, *, avg_pool=AvgPool2d, identity
     Args:
         model: the network (its ``backbone.features`` or ``features`` must have torchvision's DenseNet names).
         output_stride: 8, 16 or 32.
-        avg_pool: the class of the 2×2 stride-2 average pool put back into a transition (``avg_pool(2, 2)``).
+        avg_pool: the class of the 2×2 stride-2 average pool put back into a transition (``avg_pool(2, 2)``);
+            default: the class of ``transition1.pool`` (``nn.AvgPool2d`` in the fast tier, the textbook's there).
         identity: the class that stands in for a dropped pooling.
     """
     new = check_output_stride(output_stride)
     backbone = getattr(model, "backbone", model)
     old = check_output_stride(backbone.output_stride)
     features = backbone.features
+    if avg_pool is None:
+        avg_pool = type(features.transition1.pool)
+        if isinstance(features.transition1.pool, identity):       # not a DenseNet of minideeplab's layout
+            avg_pool = AvgPool2d
     rates = None
     aspp = getattr(getattr(model, "head", None), "aspp", None)
     if aspp is not None:
@@ -89,11 +97,15 @@ def set_output_stride(model, output_stride: int, *, avg_pool=AvgPool2d, identity
         for layer in block.children():
             _set_dilation(layer.conv2, dilation)
     backbone.output_stride = new
+    if hasattr(backbone, "min_input_size"):
+        backbone.min_input_size = min_input_size(features)
     if aspp is not None:
         for branch, rate in zip(list(aspp.branches)[1:], rates):
             _set_dilation(branch.conv, rate)
         aspp.rates = model.rates = rates
         model.output_stride = new
+        if hasattr(model, "min_input_size"):
+            model.min_input_size = min_input_size(features)
         config = getattr(model, "config", None)
         if config is not None:
             keep_default = config.rates is None and rates == default_rates(new)

@@ -147,6 +147,33 @@ class DeepLabV3(Module):
         dx = self.backbone.backward(self.head.backward(self.upsample.backward(dlogits)))
         return dx if input_grad else None
 
+    def set_output_stride(self, output_stride: int) -> DeepLabV3:
+        """Switch to ``output_stride`` (8, 16 or 32) in place, keeping every weight: DeepLabV3's "train at 16,
+        evaluate at 8". The backbone drops or puts back its pools and rescales its dilations
+        (``DenseNet.set_output_stride``); each ASPP rate becomes rate x old / new, so that its taps reach as far in
+        image pixels as before (a ValueError, before anything changes, when that is not a whole number).
+        ``minideeplab.models.set_output_stride`` does the same to the fast model.
+
+        Shapes: unchanged: x: (N, 3, H, W) -> logits: (N, num_classes, H, W).
+        """
+        old = self.output_stride
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"DeepLabV3: output_stride must be one of (8, 16, 32), got {output_stride!r}")
+        for r in self.rates:
+            if r * old % output_stride:
+                raise ValueError(f"DeepLabV3: ASPP rate {r} at output stride {old} becomes "
+                                 f"{r * old / output_stride:g} at {output_stride}, not a whole number of pixels")
+        rates = tuple(r * old // output_stride for r in self.rates)
+        self.backbone.set_output_stride(output_stride)
+        for branch, rate in zip(list(self.head.aspp.branches)[1:], rates):      # branch 0 is the 1x1 conv
+            branch.conv.dilation = branch.conv.padding = (rate, rate)
+        self.output_stride, self.rates, self.head.aspp.rates = output_stride, rates, rates
+        if self.config is not None:   # describe the model as it now is (io.save stores it)
+            default = self.config.rates is None and rates == default_rates(output_stride)
+            self.config = type(self.config)(**{**vars(self.config), "output_stride": output_stride,
+                                               "rates": None if default else rates})
+        return self
+
     def extra_repr(self):
         return f"num_classes={self.num_classes}, output_stride={self.output_stride}, rates={self.rates}"
 

@@ -16,6 +16,8 @@ from .norm import BatchNorm2d
 from .pool import AvgPool2d, MaxPool2d
 
 OUTPUT_STRIDES = (8, 16, 32)
+POOLED = {32: (True, True, True), 16: (True, True, False), 8: (True, False, False)}   # transition1..3 pool?
+DILATIONS = {32: (1, 1, 1, 1), 16: (1, 1, 1, 2), 8: (1, 1, 2, 4)}                     # denseblock1..4's 3x3
 
 
 class Named(Sequential):
@@ -138,8 +140,7 @@ class DenseNet(Module):
             raise ValueError(f"DenseNet: output_stride must be one of {OUTPUT_STRIDES} and block_config have 4 "
                              f"blocks, got {output_stride!r} and {block_config!r}")
         rng = rng if rng is not None else np.random.default_rng()
-        pooled = {32: (True, True, True), 16: (True, True, False), 8: (True, False, False)}[output_stride]
-        dilations = {32: (1, 1, 1, 1), 16: (1, 1, 1, 2), 8: (1, 1, 2, 4)}[output_stride]
+        pooled, dilations = POOLED[output_stride], DILATIONS[output_stride]
         self.output_stride, self.block_config, self.growth_rate = output_stride, tuple(block_config), growth_rate
         features = Named(conv0=Conv2d(3, num_init_features, 7, stride=2, padding=3, bias=False, rng=rng, dtype=dtype),
                          norm0=BatchNorm2d(num_init_features, dtype=dtype), relu0=ReLU(),
@@ -162,6 +163,26 @@ class DenseNet(Module):
     def backward(self, dout):
         # dL/dx: the chain rule through ``features``, last layer first
         return self.features.backward(dout)
+
+    def set_output_stride(self, output_stride: int) -> DenseNet:
+        """Make this network the one ``__init__`` builds at ``output_stride`` (8, 16 or 32), keeping every weight.
+
+        Nothing learnt depends on the stride (a 2x2 average pool has no parameters, nor has a dilation), so only the
+        geometry changes: each transition's pool is put back or dropped, and each block's 3x3 convs get the block's
+        dilation, which keeps what every tap reads in image pixels the same (DeepLabV3's "train at 16, evaluate at 8").
+
+        Shapes: x: (N, 3, H, W) -> features: (N, C, H', W'), H' ~ H / output_stride.
+        """
+        if output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"DenseNet: output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
+        for i, pooled in enumerate(POOLED[output_stride], start=1):
+            transition = getattr(self.features, f"transition{i}")
+            transition.pool = AvgPool2d(2, 2) if pooled else Identity()     # pool is the last child: order kept
+        for i, dilation in enumerate(DILATIONS[output_stride], start=1):
+            for layer in getattr(self.features, f"denseblock{i}").children():
+                layer.conv2.dilation = layer.conv2.padding = (dilation, dilation)   # padding = dilation: same size
+        self.output_stride = output_stride
+        return self
 
     def extra_repr(self):
         return f"output_stride={self.output_stride}, out_channels={self.out_channels}"

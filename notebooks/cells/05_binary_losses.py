@@ -106,10 +106,10 @@ for name, loss in candidates.items():
 # %% [markdown]
 # ## Stable vs naive BCE at large logits
 #
-# Written naively, $-[t\log\sigma(x) + (1-t)\log(1-\sigma(x))]$ breaks down once $\sigma(x)$ rounds to 0 or 1: in
-# float32 that happens at $|x|\approx 17$, and the loss becomes `inf` (or `nan` in the gradient). The package computes
-# $\max(x,0) - xt + \log(1+e^{-|x|})$, which is exact algebra and finite everywhere. The naive formula is written out
-# in this cell only to show the failure.
+# Written naively, $-[t\log\sigma(x) + (1-t)\log(1-\sigma(x))]$ breaks down where float32 cannot hold $\sigma(x)$ or
+# $1-\sigma(x)$. The package computes $\max(x,0) - xt + \log(1+e^{-|x|})$, which is exact algebra and finite
+# everywhere. The naive formula is written out in this cell only to show the failure, for a background pixel
+# ($t = 0$, true loss $\text{softplus}(x)$); the last column is the naive value's relative error.
 
 # %%
 x = np.array([-100.0, -30.0, -17.0, 0.0, 17.0, 30.0, 100.0], dtype=np.float32).reshape(1, 1, 1, -1)
@@ -118,9 +118,26 @@ with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
     s = 1 / (1 + np.exp(-x))
     naive = -(t * np.log(s) + (1 - t) * np.log(1 - s))
 stable = BCEWithLogitsLoss(reduction="none")(x, t)
-print(f"{'logit':>7} {'naive':>10} {'stable':>10}   (target 0, float32)")
-for xi, ni, si in zip(x.ravel(), naive.ravel(), stable.ravel()):
-    print(f"{xi:>7.0f} {ni:>10.4g} {si:>10.4g}")
+print(f"{'logit':>7} {'sigma(x)':>10} {'naive':>10} {'stable':>10} {'naive rel. err':>15}   (target 0, float32)")
+with np.errstate(divide="ignore", invalid="ignore"):
+    err = np.abs(naive.astype(np.float64) - stable) / stable
+for xi, pi, ni, si, ei in zip(x.ravel(), s.ravel(), naive.ravel(), stable.ravel(), err.ravel()):
+    print(f"{xi:>7.0f} {pi:>10.4g} {ni:>10.4g} {si:>10.4g} {ei:>15.2%}")
+
+# %% [markdown]
+# Three different failures, all in the naive column:
+#
+# * **Large positive logits** ($x$ = 17, 30, 100): $\sigma(x)$ rounds to exactly 1 (at 17, $1-\sigma = 4\cdot10^{-8}$
+#   is below half the spacing of float32 numbers just under 1, $6\cdot10^{-8}$), so $\log(1-\sigma(x)) = \log 0$
+#   and the loss is `inf` where the true loss is 17, 30 and 100: the confidently wrong pixels, the ones that matter.
+# * **Moderately negative logits**: the true loss $\approx e^{x}$ is tiny, but $1-\sigma(x)$ rounds to a float32
+#   number next to 1. At $x = -17$, $1 - 4.14\cdot10^{-8}$ rounds to $1 - 5.96\cdot10^{-8}$, and the naive loss is
+#   $5.96\cdot10^{-8}$ instead of $4.14\cdot10^{-8}$: **44 % too large**. At $x = -30$ it rounds to exactly 1 and the
+#   loss to `-0` instead of $9.4\cdot10^{-14}$ (a relative error of 100 %).
+# * **Very negative logits** ($x = -100$): $e^{100}$ overflows, $\sigma(x)$ is exactly 0, and the term
+#   $t\log\sigma(x)$ is $0 \cdot (-\infty)$ = `nan`, although $t = 0$ should switch it off: the loss is `nan`.
+#
+# The stable form gives every value to float32 precision, including $3.8\cdot10^{-44}$ (a subnormal) at $x=-100$.
 
 # %% [markdown]
 # ## Gradient checks

@@ -105,7 +105,8 @@ print("validation metrics of the last epoch:", {k: round(v, 4) for k, v in histo
 # ## Comparing output strides
 #
 # The same run at output stride 32, 16 and 8: a smaller stride keeps finer feature maps (notebook 2) at a higher
-# cost per step. On these small images and short runs the differences in accuracy are noisy; the cost is not.
+# cost per step. One seed and a few epochs, as here, cannot tell an effect from the noise of one run; the
+# committed experiment below can.
 
 # %%
 results = {}
@@ -114,9 +115,38 @@ for os_ in (32, 16, 8):
                               **{**settings, "epochs": 1 if SHORT else 3}), progress=False, figures=False)
     h = run.fit()
     results[os_] = (h[-1]["val_iou"], h[-1]["val_loss"], sum(r["seconds"] for r in h) / run.global_step)
-print(f"{'OS':>3} {'val IoU':>8} {'val loss':>9} {'s / step':>9}")
+print(f"{'OS':>3} {'val IoU':>8} {'val loss':>9} {'s / step':>9}   (this notebook: one seed)")
 for os_, (iou, loss, sec) in results.items():
     print(f"{os_:>3} {iou:>8.3f} {loss:>9.4f} {sec:>9.3f}")
+
+# %% [markdown]
+# Over three seeds the effect is clear. `minideeplab experiment output-stride` (committed in
+# `docs/experiments/output-stride/`, shown in notebook 2) trains the same small model at 32, 16 and 8 on
+# `shapes-fine`, thin structures where resolution matters, 12 epochs, seeds 0-2, and `minideeplab experiment
+# eval-stride` evaluates the OS 16 weights at 8 as well (DeepLabV3's "train 16, eval 8"). The committed numbers:
+
+# %%
+from minideeplab.experiment_report import committed_results, read_results, summarize
+
+for name, names, baseline in (("output-stride", ["OS 32", "OS 16", "OS 8"], "OS 32"),
+                              ("eval-stride", ["train 16, eval 16", "train 16, eval 8", "train 8, eval 8"],
+                               "train 16, eval 16")):
+    stats = summarize(read_results(committed_results(name) / "results.csv"), names, baseline)
+    print(f"{name} (paired differences from {baseline}):")
+    for v in names:
+        iou, b = stats[v]["iou"], stats[v]["boundary_iou"]
+        paired = "" if v == baseline else (f"   Δ IoU {iou['diff_mean']:+.3f} ± {iou['diff_std']:.3f}, higher in "
+                                            f"{iou['wins']}/{iou['seeds']} seeds")
+        print(f"    {v:<18} IoU {iou['mean']:.3f} ± {iou['std']:.3f}   Boundary IoU {b['mean']:.3f} ± {b['std']:.3f}"
+              + paired)
+
+# %% [markdown]
+# IoU 0.083 ± 0.010 at OS 32, 0.215 ± 0.012 at OS 16 and 0.339 ± 0.008 at OS 8, in that order in every seed (OS 8 −
+# OS 32: +0.256 ± 0.004); Boundary IoU 0.045, 0.146, 0.277. The OS 16 weights evaluated at OS 8 gain +0.057 ± 0.002
+# IoU (3/3 seeds) for free, less than training at 8 (+0.124 ± 0.008). An earlier version of this notebook called the
+# differences of its one-seed comparison noise; three paired seeds show an effect in every seed. (The experiment
+# runs on `shapes-fine`, built so that resolution matters; the one-seed run above, on the default `shapes`, measures
+# the cost per step, not the size of the effect.)
 
 # %% [markdown]
 # ## Training the textbook model
@@ -280,19 +310,28 @@ for b in range(1, 5):
 #   channel's scale $\gamma$ that feeds the next training-mode batch norm cancels out, its true gradient is zero, and
 #   the check would compare rounding noise with rounding noise;
 # * ReLU and max pooling have kinks. A central difference whose $\pm\varepsilon$ step straddles one measures the
-#   average of two slopes, not the derivative. With thousands of activations that happens for some seeds (with
-#   seed 0 one entry of `conv0.weight` is hit, and the check reports it); we use a seed whose perturbations cross no
-#   kink. The per-layer tests of the package check every layer exhaustively without this caveat.
+#   average of two slopes, not the derivative, and with thousands of activations some step may cross one. Instead of
+#   hunting for a seed whose steps cross none, the check is made robust: a small step ($\varepsilon = 10^{-6}$, in
+#   float64) makes crossings rare, and `kink_aware=True` detects the rest by their one-sided differences,
+#   $(L(\theta+\varepsilon)-L(\theta))/\varepsilon$ and $(L(\theta)-L(\theta-\varepsilon))/\varepsilon$: they agree
+#   where the loss is smooth and differ by the jump in slope across a kink, and then the central difference is off by
+#   half that jump, while the exact derivative equals the difference on the kink-free side. An entry that fails, with
+#   one-sided differences that disagree and the exact value at one end of them, is left out and counted (`kinks`).
+#   Whether a step straddles a kink depends only on the loss, not on the backward under test, so a wrong backward
+#   still fails on every entry whose steps cross none (and at a kink where it matches neither side);
+#   `tests/test_gradcheck_kinks.py` plants one (every ReLU leaking 1 % of its gradient) and the check fails.
 
 # %%
-check_rng = np.random.default_rng(2)
+check_rng = np.random.default_rng(0)
 tiny = build_deeplab(DeepLabConfig.small(dropout=0.0), rng=check_rng, dtype=np.float64)
 for m in tiny.modules():
     if isinstance(m, BatchNorm2d):
         m.weight.data[...] = check_rng.uniform(0.5, 1.5, m.weight.shape)
         m.bias.data[...] = check_rng.normal(0.0, 0.5, m.bias.shape)
-result = check_module(tiny, check_rng.standard_normal((2, 3, 32, 32)), rng=check_rng, samples=6, rtol=1e-5)
-print(f"{len(result.rows)} tensors checked, worst relative error {result.worst:.1e}, passed: {result.passed}")
+result = check_module(tiny, check_rng.standard_normal((2, 3, 32, 32)), rng=check_rng, samples=3 if SHORT else 6,
+                      rtol=1e-5, eps=1e-6, kink_aware=True)
+print(f"{len(result.rows)} tensors checked, worst relative error {result.worst:.1e}, "
+      f"{result.kinks} entries left out at a kink, passed: {result.passed}")
 
 # %% [markdown]
 # ## Questions
