@@ -5,7 +5,7 @@ another output stride than the one trained at ("train 16, eval 8"), plus an eval
 mirror image), resizes each result back to the input size and averages the probabilities, as DeepLab's own code
 does. The logits are resized before the sigmoid: the model itself upsamples its logits, not its probabilities, to
 the input size, so each scale's output is what that model would predict for an input of that size. With
-``scales=(1.0,)`` and no flip it is exactly ``sigmoid(model(x))``. Every pass runs under ``nn.no_grad`` (nothing is
+``scales=(1.0,)`` and no flip it is exactly ``sigmoid(model(x))`` run under ``nn.no_grad``. Every pass runs under ``nn.no_grad`` (nothing is
 kept for a backward, as ``DeepLabV3.predict_proba``) and its logits are checked to be finite (``finite.check_logits``:
 a diverged checkpoint is refused instead of printing scores of NaN masks).
 """

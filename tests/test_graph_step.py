@@ -16,7 +16,7 @@ from minideeplab.data import DataLoader, SyntheticShapes
 from minideeplab.graph_step import CapturedEvalStep, CapturedTrainStep, check_binary
 from minideeplab.losses import build_loss
 from minideeplab.models import DeepLabConfig, build_deeplab
-from minideeplab.nn import Dropout, Parameter
+from minideeplab.nn import Dropout, Parameter, threads
 from minideeplab.optim import SGD, Adam, AdamW, ConstantLR, CosineLR, DeviceCounters, PolyLR, build_scheduler
 from minideeplab.profiler import CountingArray
 from minideeplab.train import TrainConfig, Trainer, evaluate
@@ -199,6 +199,9 @@ def test_capture_path_trains_as_the_eager_loop(capturing, monkeypatch, optimizer
     backward): weights, optimizer and schedule state, losses and metrics. Against the eager loop on its own paths
     (host reads allowed), the numbers agree to float32 rounding, as six Adam steps amplify it."""
     cfg = TrainConfig(**TINY, optimizer=optimizer)
+    # the eager validation of a Module runs under no_grad, which on the CPU splits a plain NumPy batch over the BLAS
+    # threads (nn.threads: other matrix sizes, other float rounding); a captured eval forward is never split
+    monkeypatch.setattr(threads, "enabled", False)
     monkeypatch.setattr(CountingArray, "capturing", True)
     same_paths = _counting_trainer(cfg, captured=False)
     same_paths.fit()
