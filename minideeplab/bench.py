@@ -93,6 +93,16 @@ def write_text(path: str, text: str) -> None:
         f.write(text)
 
 
+def write_report(report: dict, md: str, out: str, name: str) -> None:
+    """Print the Markdown table and write ``out/name.json`` and ``out/name.md`` (atomically)."""
+    print("\n" + md)
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, name)
+    write_json(stem + ".json", report)
+    write_text(stem + ".md", md)
+    print(f"wrote {stem}.json and {stem}.md")
+
+
 def machine_info() -> dict:
     info = {"cpus": len(os.sched_getaffinity(0)), "numpy": np.__version__, "python": sys.version.split()[0]}
     try:
@@ -560,13 +570,7 @@ def main(argv=None) -> int:
         elif "error" in prof:
             print("  " + prof["error"], file=sys.stderr)
         report["profile"] = prof
-    md = markdown(report)
-    print("\n" + md)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"bench_{args.device}" + ("_quick" if args.quick else ""))
-    write_json(stem + ".json", report)
-    write_text(stem + ".md", md)
-    print(f"wrote {stem}.json and {stem}.md")
+    write_report(report, markdown(report), args.out, f"bench_{args.device}" + ("_quick" if args.quick else ""))
     failed = [r for r in report["rows"] if "error" in r["ours"] or "error" in r["torch"]
               or "error" in r.get("textbook", {})]
     return 1 if failed or "error" in report.get("profile", {}) else 0

@@ -165,9 +165,8 @@ def markdown(report: dict) -> str:
 
 def main_loop(args, with_torch: bool) -> int:
     """``minideeplab bench --loop``: each output stride's two loops in fresh subprocesses; a JSON and a Markdown file."""
-    import os
 
-    from .bench import _fmt, machine_info, spawn_phase, write_json, write_text
+    from .bench import _fmt, machine_info, spawn_phase, write_report
     oss = args.output_strides or [16]
     size = args.size or (64 if args.quick else 256)
     steps = args.loop_steps or (20 if args.quick else 200)
@@ -195,12 +194,6 @@ def main_loop(args, with_torch: bool) -> int:
         print(f"  OS {os_:2d} loop  ours {_fmt(ours.get('images_per_s'), '{:.2f}')} img/s  torch "
               f"{_fmt(theirs.get('images_per_s'), '{:.2f}')} img/s  speed-up {_fmt(speedup, '{:.2f}')}  data alone "
               f"{_fmt(ours.get('data_images_per_s'), '{:.1f}')} img/s", flush=True)
-    md = markdown(report)
-    print("\n" + md)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"bench_loop_{args.device}" + ("_quick" if args.quick else ""))
-    write_json(stem + ".json", report)
-    write_text(stem + ".md", md)
-    print(f"wrote {stem}.json and {stem}.md")
+    write_report(report, markdown(report), args.out, f"bench_loop_{args.device}" + ("_quick" if args.quick else ""))
     failed = [r for r in report["rows"] if "error" in r["ours"] or "error" in r["torch"]]
     return 1 if failed else 0
