@@ -215,6 +215,44 @@ def test_resize_bilinear_matches_torch(rng):
         np.testing.assert_allclose(resize_bilinear(a, size), np.transpose(ref, (1, 2, 0)), atol=1e-5)
 
 
+def test_resize_window_is_the_window_of_the_resize(rng):
+    for shape, size in (((13, 17, 3), (26, 34)), ((13, 17), (7, 9)), ((20, 20, 3), (20, 20)), ((9, 30), (31, 12))):
+        a = rng.random(shape).astype(np.float32)
+        full = resize_bilinear(a, size)
+        for rows, cols in ((slice(0, 3), slice(2, 5)), (slice(1, None), slice(None)), (slice(None), slice(4, 6))):
+            np.testing.assert_array_equal(resize_bilinear(a, size, rows, cols), full[rows, cols])
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (37, 53), (90, 25)])
+@pytest.mark.parametrize("scale", [(0.3, 0.6), (0.75, 1.25), (1.5, 2.5)])
+def test_scale_crop_is_resize_pad_crop(shape, scale, rng):
+    """RandomScaleCrop computes only the resized pixels its crop keeps: bit for bit the resize of the whole pair,
+    padded at the random side and cropped, with the same random draws."""
+    def reference(image, mask, g, size):          # the plain algorithm, step by step
+        H, W = mask.shape
+        s = g.uniform(*scale) * size / max(H, W)
+        h, w = max(1, round(H * s)), max(1, round(W * s))
+        image, mask = resize_bilinear(image, (h, w)), (resize_bilinear(mask, (h, w)) > 0.5).astype(np.float32)
+        ph, pw = max(0, size - h), max(0, size - w)
+        if ph or pw:
+            top, left = int(g.integers(0, ph + 1)), int(g.integers(0, pw + 1))
+            image = np.pad(image, ((top, ph - top), (left, pw - left), (0, 0)))
+            mask = np.pad(mask, ((top, ph - top), (left, pw - left)))
+        y, x = int(g.integers(0, mask.shape[0] - size + 1)), int(g.integers(0, mask.shape[1] - size + 1))
+        return image[y:y + size, x:x + size], mask[y:y + size, x:x + size]
+
+    for seed in range(6):
+        image = rng.random(shape + (3,)).astype(np.float32)
+        mask = (rng.random(shape) > 0.5).astype(np.float32)
+        g1, g2 = np.random.default_rng(seed), np.random.default_rng(seed)
+        got = RandomScaleCrop(32, scale)(image, mask, g1)
+        want = reference(image, mask, g2, 32)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        assert got[0].dtype == got[1].dtype == np.float32
+        assert g1.bit_generator.state == g2.bit_generator.state
+
+
 def test_denormalize_inverts_normalisation():
     raw, _ = SyntheticShapes(1, size=20, seed=0, normalize=False)[0]
     img, _ = SyntheticShapes(1, size=20, seed=0)[0]

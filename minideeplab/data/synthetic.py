@@ -124,9 +124,8 @@ def render_shapes(rng: np.random.Generator, size: int, max_objects: int = 3, emp
     for _ in range(n_objects):
         region = shape_mask(rng, str(rng.choice(KINDS, p=(0.3, 0.3, 0.2, 0.2))), u, v)
         c1, c2 = _contrasting_pair(rng)
-        p = _texture(rng, u, v)[..., None]
-        fill = c1 * (1 - p) + c2 * p
-        image[region] = fill[region]
+        p = _texture(rng, u[region], v[region])[:, None]      # the texture, at the region's pixels only
+        image[region] = c1 * (1 - p) + c2 * p
         mask |= region
     sigma = rng.uniform(0.01, noise)
     image = image + sigma * rng.standard_normal(image.shape).astype(np.float32)

@@ -28,32 +28,38 @@ def _source_coords(out_len: int, in_len: int):
     return lo, hi, (pos - lo).astype(np.float32)
 
 
-def resize_bilinear(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of the first two axes (vectorised gathers, no pixel loop).
+def resize_bilinear(a: np.ndarray, size: tuple[int, int], rows: slice = slice(None),
+                    cols: slice = slice(None)) -> np.ndarray:
+    """Bilinear resize of the first two axes (vectorised gathers, no pixel loop). ``rows``/``cols``: compute only
+    that window of the output, ``resize_bilinear(a, size, rows, cols) == resize_bilinear(a, size)[rows, cols]``.
 
     Shapes:
-        a: (H, W) or (H, W, C) -> (h, w) or (h, w, C) with ``(h, w) = size``.
+        a: (H, W) or (H, W, C) -> (h, w) or (h, w, C) with ``(h, w) = size`` (before the window).
     """
     h, w = int(size[0]), int(size[1])
     if h < 1 or w < 1:
         raise ValueError(f"resize_bilinear: target size must be positive, got {size}")
     H, W = a.shape[:2]
     if (H, W) == (h, w):
-        return a.astype(np.float32, copy=True)
-    y0, y1, wy = _source_coords(h, H)
-    x0, x1, wx = _source_coords(w, W)
+        return a[rows, cols].astype(np.float32, copy=True)
+    y0, y1, wy = (c[rows] for c in _source_coords(h, H))
+    x0, x1, wx = (c[cols] for c in _source_coords(w, W))
     a = a.astype(np.float32, copy=False)
     extra = (None,) * (a.ndim - 2)
     wy = wy[(slice(None), None) + extra]
     wx = wx[(None, slice(None)) + extra]
-    top = a[y0][:, x0] * (1 - wx) + a[y0][:, x1] * wx
-    bottom = a[y1][:, x0] * (1 - wx) + a[y1][:, x1] * wx
+    upper, lower = a[y0], a[y1]          # the two source rows of every output row
+    top = upper[:, x0] * (1 - wx) + upper[:, x1] * wx
+    bottom = lower[:, x0] * (1 - wx) + lower[:, x1] * wx
     return (top * (1 - wy) + bottom * wy).astype(np.float32)
 
 
-def resize_pair(image: np.ndarray, mask: np.ndarray, size: tuple[int, int]):
-    """Resize image bilinearly and mask bilinearly + threshold 0.5, so both keep the same geometry."""
-    return resize_bilinear(image, size), (resize_bilinear(mask, size) > 0.5).astype(np.float32)
+def resize_pair(image: np.ndarray, mask: np.ndarray, size: tuple[int, int], rows: slice = slice(None),
+                cols: slice = slice(None)):
+    """Resize image bilinearly and mask bilinearly + threshold 0.5, so both keep the same geometry (``rows``,
+    ``cols``: only that window, as ``resize_bilinear``)."""
+    return (resize_bilinear(image, size, rows, cols),
+            (resize_bilinear(mask, size, rows, cols) > 0.5).astype(np.float32))
 
 
 def _check_pair(name: str, image, mask) -> None:
@@ -117,15 +123,21 @@ class RandomScaleCrop:
         H, W = mask.shape
         s = rng.uniform(*self.scale) * self.size / max(H, W)
         h, w = max(1, round(H * s)), max(1, round(W * s))
-        image, mask = resize_pair(image, mask, (h, w))
         ph, pw = max(0, self.size - h), max(0, self.size - w)
+        top = left = 0
         if ph or pw:  # pad at a random side so small objects do not always sit in the top-left corner
             top, left = int(rng.integers(0, ph + 1)), int(rng.integers(0, pw + 1))
-            image = np.pad(image, ((top, ph - top), (left, pw - left), (0, 0)))
-            mask = np.pad(mask, ((top, ph - top), (left, pw - left)))
-        y = int(rng.integers(0, mask.shape[0] - self.size + 1))
-        x = int(rng.integers(0, mask.shape[1] - self.size + 1))
-        return image[y:y + self.size, x:x + self.size].copy(), mask[y:y + self.size, x:x + self.size].copy()
+        y = int(rng.integers(0, h + ph - self.size + 1))     # the crop of the resized, padded pair
+        x = int(rng.integers(0, w + pw - self.size + 1))
+        # only the resized pixels the crop keeps are computed: rows y - top .. of the resized pair, clipped to it
+        r0, c0 = max(0, y - top), max(0, x - left)
+        r1, c1 = min(h, y - top + self.size), min(w, x - left + self.size)
+        window = resize_pair(image, mask, (h, w), slice(r0, r1), slice(c0, c1))
+        out_image = np.zeros((self.size, self.size, 3), np.float32)   # the padding: black, background
+        out_mask = np.zeros((self.size, self.size), np.float32)
+        rows, cols = slice(r0 + top - y, r1 + top - y), slice(c0 + left - x, c1 + left - x)
+        out_image[rows, cols], out_mask[rows, cols] = window
+        return out_image, out_mask
 
     def __repr__(self):
         return f"RandomScaleCrop({self.size}, scale={self.scale})"
