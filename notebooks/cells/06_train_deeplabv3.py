@@ -143,10 +143,11 @@ for name, names, baseline in (("output-stride", ["OS 32", "OS 16", "OS 8"], "OS 
 # %% [markdown]
 # IoU 0.083 ± 0.010 at OS 32, 0.215 ± 0.012 at OS 16 and 0.339 ± 0.008 at OS 8, in that order in every seed (OS 8 −
 # OS 32: +0.256 ± 0.004); Boundary IoU 0.045, 0.146, 0.277. The OS 16 weights evaluated at OS 8 gain +0.057 ± 0.002
-# IoU (3/3 seeds) for free, less than training at 8 (+0.124 ± 0.008). An earlier version of this notebook called the
-# differences of its one-seed comparison noise; three paired seeds show an effect in every seed. (The experiment
-# runs on `shapes-fine`, built so that resolution matters; the one-seed run above, on the default `shapes`, measures
-# the cost per step, not the size of the effect.)
+# IoU (3/3 seeds) for free, less than training at 8 (+0.124 ± 0.008); with DenseNet121 the same switch was not shown
+# (`docs/experiments.md`: recall rises, contours suffer), and training at 8 is what helped. An earlier version of
+# this notebook called the differences of its one-seed comparison noise; three paired seeds show an effect in every
+# seed. (The experiment runs on `shapes-fine`, built so that resolution matters; the one-seed run above, on the
+# default `shapes`, measures the cost per step, not the size of the effect.)
 
 # %% [markdown]
 # ## Training the textbook model
