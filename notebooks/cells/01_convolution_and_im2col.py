@@ -142,16 +142,11 @@ print(inspect.getsource(textbook.Conv2d.backward))
 # (`conv.path`; `docs/fast_paths.md` walks them); the textbook layer always takes im2col.
 
 # %%
-import time
+from minideeplab.bench import median_time
 
 
 def median_ms(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * sorted(times)[len(times) // 2]
+    return 1e3 * median_time(fn, repeats, warmup=0)     # the benchmark's timer (minideeplab.bench)
 
 
 C, F, size = (32, 16, 24) if SHORT else (128, 32, 64)        # the dense layers' 3x3 conv: 128 -> 32 at 64x64

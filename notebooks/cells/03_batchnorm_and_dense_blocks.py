@@ -151,9 +151,9 @@ block.zero_grad()
 
 # %%
 import inspect
-import time
 
 from minideeplab import textbook
+from minideeplab.bench import median_time
 from minideeplab.models.densenet import DenseBlock as FastDenseBlock
 
 print(inspect.getsource(textbook.BatchNorm2d.forward))
@@ -185,12 +185,7 @@ print("sum of dx over each channel:", per_channel, " (max |dx| =", f"{np.abs(dxb
 
 # %%
 def median_ms(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * sorted(times)[len(times) // 2]
+    return 1e3 * median_time(fn, repeats, warmup=0)     # the benchmark's timer (minideeplab.bench)
 
 
 def run_pair(plain, fast, x, dout, repeats):
