@@ -259,9 +259,13 @@ def _in_forward(trainer, action, training, call):
     original = head.forward
 
     def forward(x):
-        calls[head.training] += 1
-        if head.training == training and calls[training] == call:
-            action()
+        # counted on the main thread only: validation under no_grad may run part of its batch in a worker thread
+        # (nn.threads), and signals raised there are handled later by the main thread, two raised back to back as
+        # one handler call (CPython keeps one pending flag per signal), which a user's two Ctrl-C presses never are
+        if threading.current_thread() is threading.main_thread():
+            calls[head.training] += 1
+            if head.training == training and calls[training] == call:
+                action()
         return original(x)
     head.forward = forward
 
